@@ -1,0 +1,57 @@
+"""Shared test fixtures: the tiny config and random packed layouts."""
+
+import pathlib
+
+import numpy as np
+
+from transfusion_jax.batch import Image, SpecialTokens, build_batch, document_length
+from transfusion_jax.config import load_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SPECIAL = SpecialTokens()
+
+
+def tiny_config(**overrides):
+    """configs/tiny.py with `section.key=value` overrides given as section__key=value."""
+    cfg = load_config(str(ROOT / "configs" / "tiny.py"))
+    for name, value in overrides.items():
+        section, key = name.split("__")
+        cfg[section][key] = value
+    return cfg
+
+
+def latent(rng, cfg):
+    s, c = cfg.image.latent_size, cfg.image.latent_channels
+    return rng.normal(size=(s, s, c)).astype(np.float32)
+
+
+def random_document(rng, cfg, images_left, vocab=300):
+    """1 to 3 parts: text runs of 1-6 tokens and, while slots remain, images."""
+    parts = []
+    for _ in range(rng.integers(1, 4)):
+        if images_left > 0 and rng.random() < 0.5:
+            parts.append(Image(latent(rng, cfg), noise_limited=bool(rng.random() < 0.3)))
+            images_left -= 1
+        else:
+            parts.append(list(rng.integers(5, vocab, size=rng.integers(1, 7))))
+    return parts
+
+
+def random_batch(rng, cfg, batch_size, seq_len):
+    """Rows packed with random documents until the next one does not fit; the rest is padding."""
+    k, m = cfg.image.patch_size, cfg.image.max_images
+    num_patches = (cfg.image.latent_size // k) ** 2
+    rows = []
+    for _ in range(batch_size):
+        row, used, images = [], 0, 0
+        while True:
+            doc = random_document(rng, cfg, m - images)
+            length = document_length(doc, num_patches)
+            if used + length > seq_len - int(rng.integers(0, 4)):
+                break
+            row.append(doc)
+            used += length
+            images += sum(isinstance(p, Image) for p in doc)
+        rows.append(row)
+    s, c = cfg.image.latent_size, cfg.image.latent_channels
+    return build_batch(rows, seq_len, m, (s, s, c), k, SPECIAL)

@@ -1,0 +1,45 @@
+"""Parameter counts of the paper's sizes (no allocation) and config validation."""
+
+import pytest
+
+from tests.helpers import ROOT, tiny_config
+from transfusion_jax.config import llama_ffn_dim, load_config, resolve_model
+from transfusion_jax.model import parameter_counts
+
+PAPER = str(ROOT / "configs" / "paper.py")
+NOMINAL = {"0.16b": 0.16e9, "0.37b": 0.37e9, "0.76b": 0.76e9, "1.4b": 1.4e9, "7b": 7e9}
+
+
+def test_llama_ffn_rule():
+    assert [llama_ffn_dim(d) for d in (768, 1024, 1536, 2048, 4096)] == [
+        2048,
+        2816,
+        4096,
+        5632,
+        11008,
+    ]
+
+
+@pytest.mark.parametrize("size", list(NOMINAL))
+def test_paper_sizes_match_nominal(size):
+    linear = parameter_counts(load_config(f"{PAPER}:{size}"))
+    unet = parameter_counts(load_config(f"{PAPER}:{size},unet"))
+    nominal = linear["transformer"] + linear["embeddings"]  # the paper counts no patch layers
+    assert abs(nominal / NOMINAL[size] - 1) < 0.05, nominal
+    assert linear["patch"] < 1e6
+    assert abs(unet["patch"] / 0.27e9 - 1) < 0.05, unet["patch"]  # the paper's ~0.27B U-Net
+    assert unet["transformer"] == linear["transformer"]
+    assert unet["total"] == sum(v for k, v in unet.items() if k != "total")
+
+
+def test_bad_values_name_the_field():
+    with pytest.raises(ValueError, match="image.patch_size"):
+        resolve_model(tiny_config(image__patch_size=3))
+    with pytest.raises(ValueError, match="model.num_kv_heads"):
+        resolve_model(tiny_config(model__num_kv_heads=3))
+    with pytest.raises(ValueError, match="patch.kind"):
+        resolve_model(tiny_config(patch__kind="mlp"))
+    with pytest.raises(ValueError, match="size '3b'"):
+        load_config(f"{PAPER}:3b")
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        load_config("configs/nope.py")

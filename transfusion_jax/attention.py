@@ -1,0 +1,89 @@
+"""Transfusion's attention mask, and the one place where an attention kernel is chosen.
+
+The rule: a query attends to a key of the same document when the key is not later in the sequence,
+or when both positions belong to the same image (bidirectional inside an image). Documents never see
+each other, and padding is isolated. Because documents and images are contiguous runs, the allowed
+keys of each query are one interval `[doc_start, text ? q + 1 : image_end)`: that is the form fast
+kernels take, and `key_ranges` computes it.
+"""
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def make_attention_mask(segment_ids: jax.Array, image_ids: jax.Array) -> jax.Array:
+    """bool [B, L, L]: `[b, q, k]` is True iff query q may attend key k.
+
+    segment_ids: int [B, L], the document of each position, 0 for padding.
+    image_ids: int [B, L], -1 for text, else an id of the image the position belongs to (unique in
+    the row). Real queries attend keys of their own document that are not later, or that lie in the
+    same image; no real query sees padding; a padding query attends only to itself (so its softmax
+    is defined and it cannot disturb anything).
+    """
+    seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
+    img_q, img_k = image_ids[:, :, None], image_ids[:, None, :]
+    length = segment_ids.shape[1]
+    q_idx = jnp.arange(length)[:, None]
+    k_idx = jnp.arange(length)[None, :]
+    causal = k_idx <= q_idx
+    same_image = (img_q == img_k) & (img_q >= 0)
+    real = (seg_q > 0) & (seg_q == seg_k)
+    padding_self = (seg_q == 0) & (q_idx == k_idx)
+    return (real & (causal | same_image)) | padding_self
+
+
+def key_ranges(segment_ids: jax.Array, image_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-query allowed keys as half-open intervals: (start, end), int32 [B, L] each.
+
+    Equal to `make_attention_mask` when every document and every image is a contiguous run of
+    positions (what the batch builder produces). A padding query gets [q, q + 1).
+    """
+    _, length = segment_ids.shape
+    pos = jnp.arange(length, dtype=jnp.int32)[None, :]
+    new_doc = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
+    )
+    doc_start = jax.lax.cummax(jnp.where(new_doc, pos, 0), axis=1)
+    # The end of each image: scan from the right for the last position of the current run.
+    img_end_marker = jnp.concatenate(
+        [image_ids[:, :-1] != image_ids[:, 1:], jnp.ones_like(image_ids[:, :1], bool)], 1
+    )
+    run_end = jax.lax.cummin(jnp.where(img_end_marker, pos, length), axis=1, reverse=True) + 1
+    end = jnp.where(image_ids >= 0, run_end, pos + 1)
+    start = jnp.where(segment_ids > 0, doc_start, pos)
+    return start.astype(jnp.int32), end.astype(jnp.int32)
+
+
+def mask_from_key_ranges(start: jax.Array, end: jax.Array) -> jax.Array:
+    """The dense bool [B, L, L] mask that a pair of key ranges describes."""
+    k = jnp.arange(start.shape[1])[None, None, :]
+    return (k >= start[:, :, None]) & (k < end[:, :, None])
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "xla"
+) -> jax.Array:
+    """Masked softmax attention with grouped KV heads.
+
+    q: [B, Lq, H, D]; k, v: [B, Lk, G, D] with G dividing H; mask: bool [B, Lq, Lk].
+    Logits and softmax are computed in float32 whatever the input dtype; the output has q's dtype.
+    """
+    if implementation == "xla":
+        return _xla_attention(q, k, v, mask)
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+    raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
+
+
+def _xla_attention(q, k, v, mask):
+    b, lq, h, d = q.shape
+    g = k.shape[2]
+    q = q.reshape(b, lq, g, h // g, d)
+    logits = jnp.einsum("bqgrd,bkgd->bgrqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (d**-0.5)
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v)
+    return out.reshape(b, lq, h, d)

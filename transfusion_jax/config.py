@@ -1,0 +1,128 @@
+"""Every configuration key with its default, and the checks that turn bad values into clear errors.
+
+Config files in `configs/` start from `base_config()` and override what they change, so a key is
+documented once, here.
+"""
+
+import importlib.util
+import math
+import pathlib
+
+import ml_collections
+
+
+def llama_ffn_dim(d_model: int) -> int:
+    """The Llama-2 FFN width rule, 256 * ceil(8d / 3 / 256): 768 -> 2048, 4096 -> 11008."""
+    return 256 * math.ceil(8 * d_model / 3 / 256)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 32_000 + 128  # Llama-2 32K + special tokens, padded to a multiple of 128.
+    c.model.d_model = 768
+    c.model.depth = 16
+    c.model.num_heads = 12
+    c.model.num_kv_heads = (
+        0  # 0 = num_heads (plain multi-head attention); fewer = grouped KV heads.
+    )
+    c.model.head_dim = 0  # 0 = d_model // num_heads.
+    c.model.ffn_dim = 0  # 0 = the Llama-2 rule, llama_ffn_dim(d_model).
+    c.model.qk_norm = False  # The paper has none (it was one of Chameleon's stability changes).
+    c.model.tie_embeddings = False
+    c.model.rope_theta = 10_000.0
+    c.model.norm_eps = 1e-5
+    c.model.param_dtype = "float32"
+    c.model.dtype = "float32"  # Compute dtype: "bfloat16" for mixed precision with f32 weights.
+    # Which activations the backward pass keeps (see transformer.REMAT_POLICIES).
+    c.model.remat_policy = "dots_with_no_batch_dims"
+    c.model.attention = "xla"  # The attention implementation (see attention.IMPLEMENTATIONS).
+
+    c.image = ml_collections.ConfigDict()
+    c.image.latent_size = 32  # h = w of one image's latent (256 px / 8 for the paper's VAE).
+    c.image.latent_channels = 8
+    c.image.patch_size = 2  # k: each k x k latent window is one sequence position.
+    c.image.max_images = 1  # Image slots per packed row (M); unused slots are masked.
+
+    c.patch = ml_collections.ConfigDict()
+    c.patch.kind = "linear"  # "linear" (the paper's main variant) or "unet".
+    c.patch.time_embed_dim = 256  # Width of the sinusoidal timestep features.
+    # U-Net only: one width per resolution level; log2(patch_size) + 1 levels are used.
+    # (640, 1280) at 2x2 patches gives the paper's ~0.27B U-Net.
+    c.patch.unet_channels = (640, 1280, 1280, 1280)
+    c.patch.unet_blocks = 2  # ResNet blocks per level (the paper's "2-block" U-Net).
+    c.patch.unet_attention = True  # Self-attention after every ResNet block.
+    c.patch.unet_head_dim = 64
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.objective = "epsilon"  # "epsilon" (the paper, DDPM) or "flow" (rectified flow).
+    c.diffusion.num_timesteps = 1000
+    c.diffusion.loss_weight = 5.0  # lambda in L = L_LM + lambda * L_diffusion.
+    c.diffusion.noise_limit = 500  # Images flagged `noise_limited` draw t < noise_limit.
+    c.diffusion.cond_drop_rate = 0.1  # Caption dropout for classifier-free guidance.
+    return c
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Returns a copy of the config with the 0 = default fields filled in, after checking it."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    m, im, p = cfg.model, cfg.image, cfg.patch
+    m.num_kv_heads = m.num_kv_heads or m.num_heads
+    m.head_dim = m.head_dim or m.d_model // m.num_heads
+    m.ffn_dim = m.ffn_dim or llama_ffn_dim(m.d_model)
+    _check(
+        m.num_heads % m.num_kv_heads == 0,
+        "model.num_kv_heads",
+        f"{m.num_kv_heads} must divide model.num_heads={m.num_heads}",
+    )
+    _check(m.head_dim % 2 == 0, "model.head_dim", f"{m.head_dim} must be even for RoPE")
+    for key in ("param_dtype", "dtype"):
+        _check(m[key] in _DTYPES, f"model.{key}", f"{m[key]!r} is not one of {_DTYPES}")
+    k = im.patch_size
+    _check(k in (1, 2, 4, 8), "image.patch_size", f"{k} is not one of 1, 2, 4, 8")
+    _check(
+        im.latent_size % k == 0,
+        "image.latent_size",
+        f"{im.latent_size} is not a multiple of image.patch_size={k}",
+    )
+    _check(im.max_images >= 1, "image.max_images", "needs at least one image slot per row")
+    _check(p.kind in ("linear", "unet"), "patch.kind", f"{p.kind!r} is not 'linear' or 'unet'")
+    if p.kind == "unet":
+        levels = int(math.log2(k)) + 1
+        _check(
+            len(p.unet_channels) >= levels,
+            "patch.unet_channels",
+            f"patch_size={k} needs {levels} widths, got {tuple(p.unet_channels)}",
+        )
+    d = cfg.diffusion
+    _check(
+        d.objective in ("epsilon", "flow"),
+        "diffusion.objective",
+        f"{d.objective!r} is not 'epsilon' or 'flow'",
+    )
+    _check(
+        0 < d.noise_limit <= d.num_timesteps,
+        "diffusion.noise_limit",
+        f"{d.noise_limit} must be in (0, num_timesteps={d.num_timesteps}]",
+    )
+    return cfg
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads "configs/paper.py:0.76b,unet" as get_config("0.76b,unet") of that file."""
+    path, _, arg = spec.partition(":")
+    if not pathlib.Path(path).is_file():
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def _check(ok: bool, field: str, why: str) -> None:
+    if not ok:
+        raise ValueError(f"config field {field}: {why}")

@@ -1,0 +1,97 @@
+"""The Transfusion module: text embeddings and patch encoder in, one transformer, LM head and patch
+decoder out.
+
+One rule for images in context: the model always reads an image through `patching.encode` at its
+timestep t. Training passes the noisy image; inference passes a given or finished image clean
+(t = 0). There is no other path by which an image enters the sequence.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from transfusion_jax.attention import make_attention_mask
+from transfusion_jax.batch import Batch, image_slots
+from transfusion_jax.config import resolve_model
+from transfusion_jax.layers import dense, sharded, to_dtype
+from transfusion_jax.patching import LinearPatching
+from transfusion_jax.transformer import Transformer
+from transfusion_jax.unet import UNetPatching
+
+
+def make_patching(cfg, rngs: nnx.Rngs):
+    kinds = {"linear": LinearPatching, "unet": UNetPatching}
+    return kinds[cfg.patch.kind](cfg, rngs)
+
+
+class Transfusion(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        cfg = resolve_model(cfg)
+        m, im = cfg.model, cfg.image
+        self.max_images = im.max_images
+        self.num_patches = (im.latent_size // im.patch_size) ** 2
+        dt = dict(dtype=to_dtype(m.dtype), param_dtype=to_dtype(m.param_dtype))
+        self.embed = nnx.Embed(
+            m.vocab_size,
+            m.d_model,
+            rngs=rngs,
+            **dt,
+            embedding_init=sharded(nnx.initializers.normal(1.0), "vocab", "embed"),
+        )
+        self.patching = make_patching(cfg, rngs)
+        self.transformer = Transformer(cfg, rngs)
+        self.lm_head = (
+            None
+            if m.tie_embeddings
+            else dense(rngs, m.d_model, m.vocab_size, ("embed", "vocab"), **dt)
+        )
+
+    def __call__(self, batch: Batch, noisy_latents: jax.Array, t: jax.Array):
+        """Returns (text logits [B, L, V] float32, image prediction [B, M, h, w, c] float32).
+
+        noisy_latents [B, M, h, w, c] and t [B, M] give each image slot at its noise level; the
+        logits at position q predict the token at q + 1.
+        """
+        b, length = batch.tokens.shape
+        n = self.num_patches
+        starts, _ = image_slots(batch.image_ids, self.max_images)
+
+        # Input sequence: text embeddings, with each image position replaced by its patch token.
+        patch_tokens, context = self.patching.encode(noisy_latents, t)  # [B, M, N, d]
+        slot = jnp.maximum(batch.image_ids, 0)
+        offset = jnp.arange(length)[None] - jnp.take_along_axis(starts, slot, axis=1)
+        index = slot * n + jnp.clip(offset, 0, n - 1)
+        from_image = jnp.take_along_axis(
+            patch_tokens.reshape(b, -1, patch_tokens.shape[-1]), index[..., None], axis=1
+        )
+        x = jnp.where(batch.image_ids[..., None] >= 0, from_image, self.embed(batch.tokens))
+
+        mask = make_attention_mask(batch.segment_ids, batch.image_ids)
+        h = self.transformer(x, batch.positions, mask)
+
+        logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
+        # Each image's outputs, back into slot order for the patch decoder.
+        gather = jnp.clip(starts[:, :, None] + jnp.arange(n), 0, length - 1).reshape(b, -1)
+        hidden = jnp.take_along_axis(h, gather[..., None], axis=1).reshape(
+            b, self.max_images, n, -1
+        )
+        return logits.astype(jnp.float32), self.patching.decode(hidden, context)
+
+
+def parameter_counts(cfg) -> dict[str, int]:
+    """Parameters by part (transformer / embeddings / patch layers / total), with no allocation."""
+    abstract = nnx.eval_shape(lambda: Transfusion(cfg, nnx.Rngs(0)))
+
+    def count(module):
+        return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+    embeddings = count(abstract.embed) + (
+        0 if abstract.lm_head is None else count(abstract.lm_head)
+    )
+    parts = dict(
+        transformer=count(abstract.transformer),
+        embeddings=embeddings,
+        patch=count(abstract.patching),
+    )
+    parts["total"] = sum(parts.values())
+    return parts

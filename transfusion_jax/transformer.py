@@ -1,0 +1,120 @@
+"""The Llama-flavoured transformer: pre-RMSNorm blocks of RoPE attention and a SwiGLU MLP.
+
+The blocks are created stacked (every weight gets a leading `layers` axis) and run with
+`jax.lax.scan` under `jax.checkpoint`, so compile time does not grow with depth and the remat policy
+is one config string.
+"""
+
+import jax
+from flax import nnx
+
+from transfusion_jax import attention
+from transfusion_jax.layers import apply_rope, dense, rms_norm, to_dtype
+
+# Which intermediate values the backward pass may keep instead of recomputing.
+REMAT_POLICIES = {
+    "none": None,  # No rematerialisation at all (fastest, most memory).
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        m = cfg.model
+        self.num_heads, self.num_kv_heads, self.head_dim = m.num_heads, m.num_kv_heads, m.head_dim
+        self.rope_theta, self.implementation = m.rope_theta, m.attention
+        dt = dict(dtype=to_dtype(m.dtype), param_dtype=to_dtype(m.param_dtype))
+        d, hd = m.d_model, m.head_dim
+        out_scale = 1.0 / (2 * m.depth)  # Residual outputs shrink with depth (GPT-2 style).
+        self.q = dense(rngs, d, m.num_heads * hd, ("embed", "heads"), **dt)
+        self.k = dense(rngs, d, m.num_kv_heads * hd, ("embed", "kv_heads"), **dt)
+        self.v = dense(rngs, d, m.num_kv_heads * hd, ("embed", "kv_heads"), **dt)
+        self.o = dense(rngs, m.num_heads * hd, d, ("heads", "embed"), scale=out_scale, **dt)
+        if m.qk_norm:
+            norm = dict(eps=m.norm_eps, **dt)
+            self.q_norm = rms_norm(rngs, hd, "head_dim", **norm)
+            self.k_norm = rms_norm(rngs, hd, "head_dim", **norm)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x, positions, mask):
+        b, length, _ = x.shape
+        q = self.q(x).reshape(b, length, self.num_heads, self.head_dim)
+        k = self.k(x).reshape(b, length, self.num_kv_heads, self.head_dim)
+        v = self.v(x).reshape(b, length, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions, self.rope_theta)
+        k = apply_rope(k, positions, self.rope_theta)
+        out = attention.dot_product_attention(q, k, v, mask, self.implementation)
+        return self.o(out.reshape(b, length, self.num_heads * self.head_dim))
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        m = cfg.model
+        dt = dict(dtype=to_dtype(m.dtype), param_dtype=to_dtype(m.param_dtype))
+        self.gate = dense(rngs, m.d_model, m.ffn_dim, ("embed", "mlp"), **dt)
+        self.up = dense(rngs, m.d_model, m.ffn_dim, ("embed", "mlp"), **dt)
+        self.down = dense(
+            rngs, m.ffn_dim, m.d_model, ("mlp", "embed"), scale=1.0 / (2 * m.depth), **dt
+        )
+
+    def __call__(self, x):
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        m = cfg.model
+        norm = dict(eps=m.norm_eps, dtype=to_dtype(m.dtype), param_dtype=to_dtype(m.param_dtype))
+        self.attn_norm = rms_norm(rngs, m.d_model, "embed", **norm)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = rms_norm(rngs, m.d_model, "embed", **norm)
+        self.mlp = SwiGLU(cfg, rngs)
+
+    def __call__(self, x, positions, mask):
+        x = x + self.attn(self.attn_norm(x), positions, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nnx.Module):
+    """`depth` stacked blocks and the final norm; maps [B, L, d] to [B, L, d]."""
+
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        m = cfg.model
+        if m.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"config field model.remat_policy: {m.remat_policy!r} is not one of "
+                f"{tuple(REMAT_POLICIES)}"
+            )
+        self.remat_policy = m.remat_policy
+
+        @nnx.split_rngs(splits=m.depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs):
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = rms_norm(
+            rngs,
+            m.d_model,
+            "embed",
+            eps=m.norm_eps,
+            dtype=to_dtype(m.dtype),
+            param_dtype=to_dtype(m.param_dtype),
+        )
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(h, block_state):
+            return nnx.merge(graphdef, block_state)(h, positions, mask), None
+
+        policy = REMAT_POLICIES[self.remat_policy]
+        if self.remat_policy != "none":
+            layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
+        x, _ = jax.lax.scan(layer, x, stacked)
+        return self.final_norm(x)
