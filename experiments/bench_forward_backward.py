@@ -76,8 +76,10 @@ def main(argv=None):
     counts = parameter_counts(cfg)
     print(f"config={args.config} params={counts['total']} batch={args.batch} seq={args.seq}")
     print(f"backend={jax.default_backend()} devices={jax.device_count()}")
-    print(f"compile_s={compile_s:.1f} median_step_s={step_s:.4f} "
-          f"min_step_s={min(times):.4f} tokens_per_s={tokens / step_s:.0f}")
+    print(
+        f"compile_s={compile_s:.1f} median_step_s={step_s:.4f} "
+        f"min_step_s={min(times):.4f} tokens_per_s={tokens / step_s:.0f}"
+    )
 
 
 if __name__ == "__main__":
