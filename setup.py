@@ -13,7 +13,7 @@ setup(
     install_requires=[
         "jax>=0.10.2,<1",
         "flax>=0.12.0,<1",
-        "optax>=0.2.4,<1",
+        "optax>=0.2.6,<1",
         "orbax-checkpoint>=0.11,<1",
         "grain>=0.2.12,<1",
         "tensorflow-datasets>=4.9.7,<5",
@@ -22,6 +22,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "ruff>=0.6"],
+        "tensorboard": ["tensorboardX>=2.6"],
         "cuda": ["jax[cuda12]>=0.10.2,<1"],
         "tpu": ["jax[tpu]>=0.10.2,<1"],
     },

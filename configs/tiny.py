@@ -19,4 +19,12 @@ def get_config(arg=None):
     c.patch.unet_channels = (32, 64, 96, 128)
     c.patch.unet_blocks = 1
     c.patch.unet_head_dim = 32
+    c.data.seq_len = 256
+    c.train.num_steps = 300
+    c.train.batch_size = 8
+    c.train.log_every = 25
+    c.train.checkpoint_every = 100
+    c.optimizer.peak_lr = 3e-3
+    c.optimizer.min_lr = 3e-4
+    c.optimizer.warmup_steps = 30
     return c

@@ -61,6 +61,41 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.loss_weight = 5.0  # lambda in L = L_LM + lambda * L_diffusion.
     c.diffusion.noise_limit = 500  # Images flagged `noise_limited` draw t < noise_limit.
     c.diffusion.cond_drop_rate = 0.1  # Caption dropout for classifier-free guidance.
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 250_000
+    c.train.batch_size = 512  # Global, in packed rows (512 x 4096 = the paper's 2M tokens).
+    c.train.grad_accum_steps = 1  # Micro-batches per optimizer step (each batch_size / this).
+    c.train.log_every = 50
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 3
+    c.train.seed = 0
+    c.train.ema_decay = 0.0  # 0 = no EMA copy of the weights; e.g. 0.9999 keeps one.
+    c.train.nan_policy = "stop"  # A non-finite loss is never applied; "stop" ends the run, "skip"
+    # goes on (the step is skipped and counted in nonfinite_steps).
+    c.train.tensorboard = False  # Also write TensorBoard event files (needs tensorboardX).
+    c.train.peak_tflops = 0.0  # Per-device peak for MFU; 0 = look the device up (or no MFU).
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1  # Pure data parallelism (weights replicated).
+    c.mesh.fsdp = -1  # Data parallelism with sharded weights; -1 = the remaining devices.
+    c.mesh.tensor = 1  # Tensor parallelism over heads and MLP width.
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.peak_lr = 3e-4
+    c.optimizer.min_lr = 1.5e-5
+    c.optimizer.warmup_steps = 4000
+    c.optimizer.decay_steps = 0  # 0 = train.num_steps.
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.1
+    c.optimizer.clip_norm = 1.0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"
+    c.data.seq_len = 4096  # L, the packed row length.
+    c.data.caption_len = 16  # Synthetic source: caption tokens per document.
     return c
 
 
@@ -109,6 +144,19 @@ def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "diffusion.noise_limit",
         f"{d.noise_limit} must be in (0, num_timesteps={d.num_timesteps}]",
     )
+    if "train" in cfg:
+        t = cfg.train
+        _check(
+            t.nan_policy in ("stop", "skip"),
+            "train.nan_policy",
+            f"{t.nan_policy!r} is not 'stop' or 'skip'",
+        )
+        _check(
+            t.batch_size % t.grad_accum_steps == 0,
+            "train.batch_size",
+            f"{t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}",
+        )
+        _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"{t.ema_decay} must be in [0, 1)")
     return cfg
 
 

@@ -1,0 +1,134 @@
+"""Sharded training on 8 simulated CPU devices: real sharding, mesh-independence of the loss curve,
+exact kill-and-resume, resume onto another mesh, non-finite losses, and the optimizer's rules."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from tests.helpers import tiny_config
+from transfusion_jax import data as data_module
+from transfusion_jax.checkpoint import Checkpointer
+from transfusion_jax.data.synthetic import SyntheticSource
+from transfusion_jax.optimizer import decay_mask
+from transfusion_jax.sharding import make_mesh
+from transfusion_jax.train import NonFiniteLossError, train
+from transfusion_jax.train_step import TrainProgram, bytes_per_device
+
+
+def small_config(**mesh):
+    cfg = tiny_config(model__d_model=64, model__depth=2, image__latent_size=8, data__seq_len=64)
+    cfg.train.update(batch_size=8, num_steps=6, log_every=1, checkpoint_every=3)
+    cfg.optimizer.update(warmup_steps=2)
+    cfg.mesh.update({"data": 1, "fsdp": -1, "tensor": 1, **mesh})
+    return cfg
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(workdir, cfg):
+    program = TrainProgram(cfg, make_mesh(1, 1, 1, jax.devices()[:1]))
+    checkpoints = Checkpointer(workdir / "checkpoints", keep=3)
+    state, _ = checkpoints.restore(checkpoints.latest_step(), program.abstract_state())
+    checkpoints.close()
+    return jax.tree.map(np.asarray, state.params)
+
+
+def test_weights_are_sharded_over_fsdp_and_tensor():
+    cfg = tiny_config(model__d_model=256, model__num_heads=4)
+    program = TrainProgram(cfg, make_mesh(2, 2, 2))
+    state = program.init_state(0)
+    mlp = state.params["transformer"]["blocks"]["mlp"]["up"]["kernel"]  # [layers, embed, mlp]
+    per_device = bytes_per_device(mlp)
+    assert len(per_device) == 8
+    assert all(b == mlp.nbytes // 4 for b in per_device.values())  # embed/fsdp, mlp/tensor
+    totals = bytes_per_device(state.params)
+    total = sum(x.nbytes for x in jax.tree.leaves(state.params))
+    assert max(totals.values()) < 0.3 * total  # ~1/4 plus small replicated vectors
+    # Adam's moments follow the weights.
+    moments = bytes_per_device(state.opt_state)
+    assert max(moments.values()) < 0.3 * sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
+
+
+def test_loss_curve_on_a_2x2x2_mesh_equals_one_device(tmp_path):
+    one = small_config(fsdp=1)
+    train(one, tmp_path / "one", devices=jax.devices()[:1])
+    mesh = small_config(data=2, fsdp=2, tensor=2)
+    train(mesh, tmp_path / "mesh")
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "mesh")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    for key in ("loss", "lm_loss", "diffusion_loss", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in a], [r[key] for r in b], rtol=2e-4)
+    assert a[-1]["loss"] < a[0]["loss"]
+
+
+def test_kill_and_resume_is_exact(tmp_path):
+    cfg = small_config()
+    train(cfg, tmp_path / "straight")
+    train(cfg, tmp_path / "resumed", stop_at_step=3)
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed")] == [1, 2, 3]
+    train(cfg, tmp_path / "resumed")
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    drop_timing = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_s", "step_s")}  # noqa: E731
+    assert [drop_timing(r) for r in straight] == [drop_timing(r) for r in resumed]
+    pa, pb = final_params(tmp_path / "straight", cfg), final_params(tmp_path / "resumed", cfg)
+    jax.tree.map(np.testing.assert_array_equal, pa, pb)
+
+
+def test_resume_onto_a_different_mesh(tmp_path):
+    first = small_config(fsdp=8)
+    train(first, tmp_path / "run", stop_at_step=3)
+    second = small_config(data=2, fsdp=2, tensor=2)
+    train(second, tmp_path / "run")
+    train(small_config(fsdp=8), tmp_path / "straight")
+    resumed, straight = read_metrics(tmp_path / "run"), read_metrics(tmp_path / "straight")
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    np.testing.assert_allclose(
+        [r["loss"] for r in resumed], [r["loss"] for r in straight], rtol=2e-4
+    )
+
+
+class PoisonedSource(SyntheticSource):
+    """Synthetic rows whose latents are NaN in batches 2 and 3 (0-based)."""
+
+    def __next__(self):
+        batch = super().__next__()
+        if self.batches_done - 1 in (2, 3):
+            batch = batch.replace(latents=np.full_like(batch.latents, np.nan))
+        return batch
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    monkeypatch.setitem(data_module.SOURCES, "poisoned", PoisonedSource)
+
+
+def test_nonfinite_loss_stops_without_poisoning_checkpoints(tmp_path, poisoned):
+    cfg = small_config()
+    cfg.data.source = "poisoned"
+    with pytest.raises(NonFiniteLossError, match="step 3: the loss or gradient is not finite"):
+        train(cfg, tmp_path / "stop")
+    assert read_metrics(tmp_path / "stop")[-1]["nonfinite_steps"] == 1
+    assert not (tmp_path / "stop" / "checkpoints" / "3").exists()
+
+    cfg.train.nan_policy = "skip"
+    train(cfg, tmp_path / "skip")
+    records = read_metrics(tmp_path / "skip")
+    assert records[-1]["nonfinite_steps"] == 2 and np.isfinite(records[-1]["loss"])
+    params = final_params(tmp_path / "skip", cfg)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_weight_decay_mask_spares_norms_and_biases():
+    cfg = tiny_config()
+    program = TrainProgram(cfg, make_mesh(1, 1, 1, jax.devices()[:1]))
+    params = jax.eval_shape(program._init, jax.random.key(0)).params
+    mask = decay_mask(params)
+    blocks = mask["transformer"]["blocks"]
+    assert blocks["mlp"]["up"]["kernel"] and blocks["attn"]["q"]["kernel"]
+    assert mask["embed"]["embedding"] and mask["lm_head"]["kernel"]
+    assert not blocks["attn_norm"]["scale"] and not mask["transformer"]["final_norm"]["scale"]
+    assert not mask["patching"]["proj_in"]["bias"]

@@ -1,0 +1,37 @@
+"""Model FLOPs per token and device peaks, for MFU.
+
+Model FLOPs follow the PaLM convention: 6 N per token for the N weights a token passes through
+(transformer and LM head; with the linear patch layers, those too) plus 12 * depth * d_model * L
+for attention scores over a row of L positions, forward and backward, whatever the mask skips.
+The U-Net's convolutions are not counted: MFU for U-Net configs is a lower bound.
+"""
+
+from transfusion_jax.config import resolve_model
+
+# Dense bf16 peak per device, TFLOP/s, by a substring of jax's device_kind.
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "TPU v6": 918.0,
+    "TPU v5p": 459.0,
+    "TPU v5": 197.0,  # v5e ("TPU v5 lite")
+    "TPU v4": 275.0,
+}
+
+
+def device_peak_tflops(device) -> float | None:
+    for name, peak in PEAK_BF16_TFLOPS.items():
+        if name in device.device_kind:
+            return peak
+    return None
+
+
+def model_flops_per_token(cfg, seq_len: int, counts: dict) -> float:
+    cfg = resolve_model(cfg)
+    m = cfg.model
+    weights = counts["transformer"]
+    weights += m.d_model * m.vocab_size  # the LM head (tied or not, it is a matmul per token)
+    if cfg.patch.kind == "linear":
+        weights += counts["patch"]
+    return 6.0 * weights + 12.0 * m.depth * m.d_model * seq_len

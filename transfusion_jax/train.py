@@ -1,0 +1,260 @@
+"""Train a Transfusion model: the same code on 1 CPU, 8 GPUs or a TPU pod.
+
+  python -m transfusion_jax.train --config configs/tiny.py --workdir workdirs/tiny \
+      --config.train.num_steps=200
+
+The run writes DIR/config.json (the resolved config), appends one JSON line per logging step to
+DIR/metrics.jsonl and keeps checkpoints in DIR/checkpoints. Starting again in the same DIR resumes
+from the latest checkpoint, on whatever mesh the config now asks for. SIGTERM or SIGINT (a
+preemption) saves a checkpoint before exiting.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+
+from transfusion_jax import sharding as shd
+from transfusion_jax.checkpoint import Checkpointer
+from transfusion_jax.config import resolve_model
+from transfusion_jax.data import make_source
+from transfusion_jax.flops import device_peak_tflops, model_flops_per_token
+from transfusion_jax.model import parameter_counts
+from transfusion_jax.train_step import TrainProgram
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def launched_as_several_processes() -> bool:
+    """True under a multi-process launcher (TPU pod slice, SLURM, MPI, or explicit coordinator)."""
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    if len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
+        return True
+    return int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+
+
+class MetricsWriter:
+    """metrics.jsonl (always) and TensorBoard event files (train.tensorboard, via tensorboardX)."""
+
+    def __init__(self, workdir: pathlib.Path, tensorboard: bool):
+        self.path = workdir / "metrics.jsonl"
+        self.tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError as e:
+                raise ImportError(
+                    "config field train.tensorboard needs tensorboardX: "
+                    "pip install 'transfusion_jax[tensorboard]'"
+                ) from e
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.tb.add_scalar(key, value, record["step"])
+            self.tb.flush()
+
+
+class PreemptionFlag:
+    """Set by SIGTERM/SIGINT; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self):
+        self.raised = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _print_compiled(compiled, flops_per_token, tokens_per_step):
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        gib = 2.0**-30
+        log(
+            f"compiled step: arguments {memory.argument_size_in_bytes * gib:.2f} GiB, "
+            f"outputs {memory.output_size_in_bytes * gib:.2f} GiB, "
+            f"temporaries {memory.temp_size_in_bytes * gib:.2f} GiB per device"
+        )
+    log(
+        f"model FLOPs per token {flops_per_token / 1e9:.3f} GFLOP, "
+        f"per step {flops_per_token * tokens_per_step / 1e12:.3f} TFLOP"
+    )
+
+
+def train(cfg, workdir, devices=None, stop_at_step: int | None = None) -> dict:
+    """Runs (or resumes) training; returns the last logged metrics.
+
+    stop_at_step ends the run early after that step with a checkpoint, as a preemption would.
+    """
+    cfg = resolve_model(cfg)
+    t = cfg.train
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
+
+    # -- mesh and shapes ---------------------------------------------------------------------
+    mesh = shd.mesh_from_config(cfg, devices)
+    data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if t.batch_size % (data_ways * t.grad_accum_steps) or t.batch_size % jax.process_count():
+        raise ValueError(
+            f"config field train.batch_size: {t.batch_size} rows must be divisible by "
+            f"mesh data x fsdp = {data_ways} times grad_accum_steps = {t.grad_accum_steps}, "
+            f"and by the {jax.process_count()} processes"
+        )
+    log(f"mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} devices")
+    program = TrainProgram(cfg, mesh)
+    counts = parameter_counts(cfg)
+    log("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+
+    # -- input --------------------------------------------------------------------------------
+    local_batch = t.batch_size // jax.process_count()
+    source = make_source(cfg, local_batch, jax.process_index(), jax.process_count())
+
+    # -- state: fresh or restored --------------------------------------------------------------
+    checkpoints = Checkpointer(workdir / "checkpoints", t.keep_checkpoints)
+    latest = checkpoints.latest_step()
+    if latest is None:
+        state = program.init_state(t.seed)
+        log("initialised a new model")
+    else:
+        state, data_state = checkpoints.restore(latest, program.abstract_state())
+        source.set_state(data_state)
+        log(f"resumed from the checkpoint of step {latest}")
+
+    # -- compile ahead of time ------------------------------------------------------------------
+    first_batch = next(source)
+    compiled = program.compile(first_batch)
+    tokens_per_step = t.batch_size * cfg.data.seq_len
+    flops_per_token = model_flops_per_token(cfg, cfg.data.seq_len, counts)
+    _print_compiled(compiled, flops_per_token, tokens_per_step)
+    peak = t.peak_tflops or device_peak_tflops(jax.devices()[0])
+
+    # -- loop ---------------------------------------------------------------------------------
+    writer = MetricsWriter(workdir, t.tensorboard) if jax.process_index() == 0 else None
+    preemption = PreemptionFlag()
+    step = int(state.step)
+    last_logged, window, window_start, window_steps = {}, None, time.perf_counter(), 0
+    pending = first_batch
+    try:
+        while step < t.num_steps:
+            batch = shd.global_batch(pending if pending is not None else next(source), mesh)
+            pending = None
+            state, metrics = compiled(state, batch)
+            step += 1
+            window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
+            window_steps += 1
+
+            stopping = preemption.raised or step == stop_at_step
+            if step % t.log_every == 0 or step == t.num_steps or stopping:
+                record = _log_record(window, window_steps, window_start, step, cfg, peak, mesh)
+                record["nonfinite_steps"] = int(state.nonfinite_steps)
+                if writer is not None:
+                    writer.write(record)
+                log(_progress_line(record, t.num_steps))
+                _check_finite(state, t.nan_policy)
+                last_logged, window, window_steps = record, None, 0
+                window_start = time.perf_counter()
+            if step % t.checkpoint_every == 0 or step == t.num_steps or stopping:
+                _check_finite(state, t.nan_policy)
+                checkpoints.save(step, state, source.get_state())
+            if stopping:
+                why = preemption.raised or f"stop_at_step={stop_at_step}"
+                log(f"stopping at step {step} ({why}); checkpoint saved")
+                break
+    finally:
+        checkpoints.close()
+        preemption.restore()
+    return last_logged
+
+
+def _log_record(window, steps, start, step, cfg, peak, mesh) -> dict:
+    elapsed = time.perf_counter() - start
+    means = {k: float(v) / steps for k, v in jax.device_get(window).items()}
+    tokens_per_s = steps * cfg.train.batch_size * cfg.data.seq_len / elapsed
+    record = {
+        "step": step,
+        "loss": means["loss"],
+        "lm_loss": means["lm_loss"],
+        "diffusion_loss": means["diffusion_loss"],
+        "learning_rate": means["learning_rate"],
+        "grad_norm": means["grad_norm"],
+        "tokens_per_s": tokens_per_s,
+        "examples_seen": step * cfg.train.batch_size,
+        "step_s": elapsed / steps,
+    }
+    if peak:
+        counts = parameter_counts(cfg)
+        flops = model_flops_per_token(cfg, cfg.data.seq_len, counts) * tokens_per_s
+        record["mfu"] = flops / (peak * 1e12 * mesh.devices.size)
+    return record
+
+
+def _progress_line(r: dict, num_steps: int) -> str:
+    line = (
+        f"step {r['step']}/{num_steps}  loss {r['loss']:.4f} (lm {r['lm_loss']:.4f}, "
+        f"diffusion {r['diffusion_loss']:.4f})  lr {r['learning_rate']:.2e}  "
+        f"grad_norm {r['grad_norm']:.3f}  {r['tokens_per_s']:.0f} tokens/s"
+    )
+    if "mfu" in r:
+        line += f"  MFU {100 * r['mfu']:.1f}%"
+    return line
+
+
+def _check_finite(state, policy: str) -> None:
+    if policy == "stop" and int(state.nonfinite_steps) > 0:
+        first = int(state.first_nonfinite_step)
+        raise NonFiniteLossError(
+            f"step {first + 1}: the loss or gradient is not finite. That update was not applied, "
+            f"so the weights (and any checkpoint) are still clean. Lower optimizer.peak_lr, check "
+            f"the data, or set --config.train.nan_policy=skip to skip such steps."
+        )
+
+
+# -- command line --------------------------------------------------------------------------------
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, metrics and checkpoints.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if launched_as_several_processes():
+        jax.distributed.initialize()
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

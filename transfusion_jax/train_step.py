@@ -1,0 +1,193 @@
+"""The functional training core: the train state, its sharded creation, and one optimizer step.
+
+`TrainProgram` ties a config to a mesh: it knows the model's graph, the optimizer and the sharding
+of every leaf of the state, creates the state already sharded (`jax.jit(init, out_shardings=...)`,
+never whole on one device) and compiles `train_step` with in/out shardings and a donated state.
+
+A step whose loss or gradient norm is not finite is never applied: the state keeps its weights and
+optimizer moments, counts the step in `nonfinite_steps`, and remembers the first such step, so a
+checkpoint can never hold poisoned weights. The loop decides whether to stop (`train.nan_policy`).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from transfusion_jax import sharding as shd
+from transfusion_jax.batch import Batch
+from transfusion_jax.config import resolve_model
+from transfusion_jax.diffusion import Diffusion
+from transfusion_jax.loss import transfusion_loss
+from transfusion_jax.model import Transfusion
+from transfusion_jax.optimizer import learning_rate_schedule, make_optimizer
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 []: optimizer steps taken
+    params: dict
+    opt_state: optax.OptState
+    ema_params: dict  # {} when train.ema_decay is 0
+    rng: jax.Array  # uint32 key data; the step's key is fold_in(rng, step)
+    nonfinite_steps: jax.Array  # int32 []: steps skipped for a non-finite loss or gradient
+    first_nonfinite_step: jax.Array  # int32 []: -1 while there has been none
+
+
+@dataclasses.dataclass
+class TrainProgram:
+    cfg: object
+    mesh: Mesh
+
+    def __post_init__(self):
+        self.cfg = resolve_model(self.cfg)
+        abstract = nnx.eval_shape(lambda: Transfusion(self.cfg, nnx.Rngs(0)))
+        self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)  # fails on other state
+        self.tx = make_optimizer(self.cfg)
+        self.schedule = learning_rate_schedule(self.cfg)
+        self.diffusion = Diffusion.from_config(self.cfg)
+        logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
+        abstract_params = nnx.to_pure_dict(abstract_params)
+        self.param_shardings = shd.param_shardings(logical, abstract_params, self.mesh)
+        self.state_shardings = self._state_shardings(abstract_params)
+        self.batch_sharding = shd.batch_sharding(self.mesh)
+
+    # -- creation -------------------------------------------------------------------------------
+
+    def _init(self, key: jax.Array) -> TrainState:
+        model = Transfusion(self.cfg, nnx.Rngs(params=jax.random.fold_in(key, 0)))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        ema = params if self.cfg.train.ema_decay > 0 else {}
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.tx.init(params),
+            ema_params=ema,
+            rng=jax.random.key_data(jax.random.fold_in(key, 1)),
+            nonfinite_steps=jnp.zeros((), jnp.int32),
+            first_nonfinite_step=jnp.full((), -1, jnp.int32),
+        )
+
+    def _state_shardings(self, abstract_params) -> TrainState:
+        abstract = jax.eval_shape(self._init, jax.random.key(0))
+        rep = shd.replicated(self.mesh)
+        opt = optax.tree_map_params(
+            self.tx,
+            lambda _, s: s,
+            abstract.opt_state,
+            self.param_shardings,
+            transform_non_params=lambda _: rep,
+        )
+        ema = self.param_shardings if self.cfg.train.ema_decay > 0 else {}
+        return TrainState(
+            step=rep,
+            params=self.param_shardings,
+            opt_state=opt,
+            ema_params=ema,
+            rng=rep,
+            nonfinite_steps=rep,
+            first_nonfinite_step=rep,
+        )
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs carrying this mesh's shardings: the restore target of a checkpoint."""
+        shapes = jax.eval_shape(self._init, jax.random.key(0))
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            shapes,
+            self.state_shardings,
+        )
+
+    def init_state(self, seed: int) -> TrainState:
+        init = jax.jit(self._init, out_shardings=self.state_shardings)
+        return init(jax.random.key(seed))
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def model(self, params) -> Transfusion:
+        return nnx.merge(self.graphdef, params)
+
+    def loss(self, params, batch: Batch, rng):
+        return transfusion_loss(
+            self.model(params), batch, rng, self.diffusion, self.cfg.diffusion.loss_weight
+        )
+
+    def _gradients(self, params, batch: Batch, rng):
+        """Mean gradients and metrics over `train.grad_accum_steps` micro-batches."""
+        k = self.cfg.train.grad_accum_steps
+        grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+        if k == 1:
+            (_, metrics), grads = grad_fn(params, batch, rng)
+            return grads, metrics
+
+        # Micro-batch i takes rows i, i+k, ...: every device keeps its share of every micro-batch.
+        def split(x):
+            return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+        micro = jax.tree.map(split, batch)
+
+        def micro_step(i, micro_batch):
+            (_, metrics), grads = grad_fn(params, micro_batch, jax.random.fold_in(rng, i))
+            return grads, metrics
+
+        def accumulate(carry, inputs):
+            return jax.tree.map(jnp.add, carry, micro_step(*inputs)), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro_step, 0, first))
+        (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
+        mean = lambda x: x / k  # noqa: E731
+        metrics = {n: v if n.startswith("num_") else mean(v) for n, v in metrics.items()}
+        return jax.tree.map(mean, grads), metrics
+
+    def train_step(self, state: TrainState, batch: Batch):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        grads, metrics = self._gradients(state.params, batch, rng)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_decay = self.cfg.train.ema_decay
+        ema = state.ema_params
+        if ema_decay > 0:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            ema_params=keep(ema, state.ema_params),
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+            first_nonfinite_step=jnp.where(
+                (state.first_nonfinite_step < 0) & ~finite, state.step, state.first_nonfinite_step
+            ),
+        )
+        metrics = dict(metrics, grad_norm=grad_norm, learning_rate=self.schedule(state.step))
+        return new_state, metrics
+
+    def compile(self, batch_shapes: Batch):
+        """The AOT-compiled step for batches shaped like `batch_shapes`."""
+        abstract_batch = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.batch_sharding),
+            batch_shapes,
+        )
+        step = jax.jit(
+            self.train_step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, shd.replicated(self.mesh)),
+            donate_argnums=(0,),
+        )
+        return step.lower(self.abstract_state(), abstract_batch).compile()
+
+
+def bytes_per_device(tree) -> dict:
+    """Bytes of a tree of arrays held on each device (what sharding saved, measured)."""
+    totals = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
+    return totals
