@@ -38,6 +38,11 @@ def dense(rngs, d_in, d_out, names, *, dtype, param_dtype, scale=1.0, use_bias=F
     )
 
 
+def apply_flat(layer, x: jax.Array) -> jax.Array:
+    """`layer` on x [..., d] as one 2-D matmul over [prod(...), d] (see transformer.Transformer)."""
+    return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
 def rms_norm(rngs, dim, name, *, eps, dtype, param_dtype):
     return nnx.RMSNorm(
         dim,

@@ -13,7 +13,7 @@ from flax import nnx
 from transfusion_jax.attention import make_attention_mask
 from transfusion_jax.batch import Batch, image_slots
 from transfusion_jax.config import resolve_model
-from transfusion_jax.layers import dense, sharded, to_dtype
+from transfusion_jax.layers import apply_flat, dense, sharded, to_dtype
 from transfusion_jax.patching import LinearPatching
 from transfusion_jax.transformer import Transformer
 from transfusion_jax.unet import UNetPatching
@@ -69,7 +69,7 @@ class Transfusion(nnx.Module):
         mask = make_attention_mask(batch.segment_ids, batch.image_ids)
         h = self.transformer(x, batch.positions, mask)
 
-        logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
+        logits = apply_flat(self.embed.attend if self.lm_head is None else self.lm_head, h)
         # Each image's outputs, back into slot order for the patch decoder.
         gather = jnp.clip(starts[:, :, None] + jnp.arange(n), 0, length - 1).reshape(b, -1)
         hidden = jnp.take_along_axis(h, gather[..., None], axis=1).reshape(

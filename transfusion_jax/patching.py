@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transfusion_jax.layers import dense, to_dtype
+from transfusion_jax.layers import apply_flat, dense, to_dtype
 
 
 def patchify(x: jax.Array, k: int) -> jax.Array:
@@ -69,9 +69,9 @@ class LinearPatching(nnx.Module):
     def encode(self, x_t: jax.Array, t: jax.Array):
         patches = patchify(x_t, self.k)  # [B, M, N, p]
         patches = patches + self.time(t)[:, :, None, :]
-        return self.proj_in(patches), None
+        return apply_flat(self.proj_in, patches), None
 
     def decode(self, hidden: jax.Array, context) -> jax.Array:
         del context
-        out = self.proj_out(hidden).astype(jnp.float32)
+        out = apply_flat(self.proj_out, hidden).astype(jnp.float32)
         return unpatchify(out, self.k, self.size, self.size, self.channels)
