@@ -21,7 +21,7 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6"],
+        "test": ["pytest>=8", "ruff>=0.6", "tensorboardX>=2.6"],
         "tensorboard": ["tensorboardX>=2.6"],
         "cuda": ["jax[cuda12]>=0.10.2,<1"],
         "tpu": ["jax[tpu]>=0.10.2,<1"],

@@ -33,7 +33,12 @@ def run_train(workdir, *overrides, **kwargs):
 
 
 def test_cli_trains_and_writes_config_and_metrics(tmp_path):
-    proc = run_train(tmp_path, "--config.train.num_steps=4", "--config.train.log_every=2")
+    proc = run_train(
+        tmp_path,
+        "--config.train.num_steps=4",
+        "--config.train.log_every=2",
+        "--config.train.tensorboard=True",
+    )
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "step 4/4" in out and "compiled step:" in out and "model FLOPs per token" in out
@@ -54,6 +59,7 @@ def test_cli_trains_and_writes_config_and_metrics(tmp_path):
     assert required <= set(records[0])
     assert records[-1]["examples_seen"] == 4 * 8
     assert (tmp_path / "checkpoints" / "4").is_dir()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
