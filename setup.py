@@ -19,9 +19,17 @@ setup(
         "tensorflow-datasets>=4.9.7,<5",
         "ml-collections>=1.0,<2",
         "numpy>=1.26",
+        "pillow>=10",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "tensorboardX>=2.6"],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "tensorboardX>=2.6",
+            "sentencepiece>=0.2",
+            "tiktoken>=0.7",
+        ],
+        "text": ["sentencepiece>=0.2", "tiktoken>=0.7"],
         "tensorboard": ["tensorboardX>=2.6"],
         "cuda": ["jax[cuda12]>=0.10.2,<1"],
         "tpu": ["jax[tpu]>=0.10.2,<1"],

@@ -14,6 +14,7 @@ SMALL = [
     "--config.model.depth=2",
     "--config.image.latent_size=8",
     "--config.data.seq_len=64",
+    "--config.data.source=synthetic",
 ]
 
 

@@ -50,7 +50,7 @@ def unrolled(transformer, x, positions, mask):
     graphdef, stacked = nnx.split(transformer.blocks)
     for i in range(jax.tree.leaves(stacked)[0].shape[0]):
         block = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
-        x = block(x, positions, mask)
+        x, _ = block(x, positions, mask)
     return transformer.final_norm(x)
 
 

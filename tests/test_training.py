@@ -22,6 +22,7 @@ def small_config(**mesh):
     cfg.train.update(batch_size=8, num_steps=6, log_every=1, checkpoint_every=3)
     cfg.optimizer.update(warmup_steps=2)
     cfg.mesh.update({"data": 1, "fsdp": -1, "tensor": 1, **mesh})
+    cfg.data.source = "synthetic"
     return cfg
 
 

@@ -93,9 +93,28 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.clip_norm = 1.0
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"
+    # "shapes" (built in), "imagefolder" (data.path), "tfds" (data.tfds_*), "text"
+    # (data.text_path), or "synthetic" (random classes, for benchmarks).
+    c.data.source = "shapes"
     c.data.seq_len = 4096  # L, the packed row length.
-    c.data.caption_len = 16  # Synthetic source: caption tokens per document.
+    c.data.path = ""  # imagefolder: the directory holding metadata.jsonl.
+    c.data.tfds_name = "coco_captions"
+    c.data.tfds_split = "train"
+    c.data.tfds_data_dir = ""  # "" = TFDS's default (~/tensorflow_datasets).
+    c.data.tfds_image_key = "image"
+    c.data.tfds_caption_key = "captions/text"  # "/" reaches into nested features.
+    c.data.text_path = ""  # .txt / .jsonl corpus (file or directory) of text-only documents.
+    c.data.text_ratio = 1.0  # Text-only positions per image-caption position (the paper: 1:1).
+    c.data.tokenizer = "bytes"  # "bytes", "sentencepiece:PATH" or "tiktoken:PATH".
+    c.data.image_size = 256  # Images are resized (short side) and centre-cropped to this.
+    c.data.latents = "pixels"  # What the model sees of an image (pixels until a VAE is set).
+    c.data.max_caption_tokens = 128
+    c.data.caption_first_prob = 0.8  # Caption-first (text->image) vs image-first (captioning).
+    c.data.pack_window = 256  # Documents first-fit packed together (the resumable unit).
+    c.data.num_threads = 4  # Threads decoding documents.
+    c.data.prefetch = 64  # Documents decoded ahead.
+    c.data.num_workers = 0  # >0: decode in that many worker processes (grain mp_prefetch).
+    c.data.caption_len = 16  # synthetic: caption tokens per document.
     return c
 
 

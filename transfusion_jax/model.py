@@ -29,6 +29,7 @@ class Transfusion(nnx.Module):
         cfg = resolve_model(cfg)
         m, im = cfg.model, cfg.image
         self.max_images = im.max_images
+        self.depth, self.compute_dtype = m.depth, m.dtype
         self.num_patches = (im.latent_size // im.patch_size) ** 2
         dt = dict(dtype=to_dtype(m.dtype), param_dtype=to_dtype(m.param_dtype))
         self.embed = nnx.Embed(
@@ -69,13 +70,18 @@ class Transfusion(nnx.Module):
         mask = make_attention_mask(batch.segment_ids, batch.image_ids)
         h = self.transformer(x, batch.positions, mask)
 
-        logits = apply_flat(self.embed.attend if self.lm_head is None else self.lm_head, h)
+        logits = self.logits(h)
         # Each image's outputs, back into slot order for the patch decoder.
         gather = jnp.clip(starts[:, :, None] + jnp.arange(n), 0, length - 1).reshape(b, -1)
         hidden = jnp.take_along_axis(h, gather[..., None], axis=1).reshape(
             b, self.max_images, n, -1
         )
-        return logits.astype(jnp.float32), self.patching.decode(hidden, context)
+        return logits, self.patching.decode(hidden, context)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Next-token logits [..., V] (float32) from final hidden states [..., d]."""
+        head = self.embed.attend if self.lm_head is None else self.lm_head
+        return apply_flat(head, h).astype(jnp.float32)
 
 
 def parameter_counts(cfg) -> dict[str, int]:

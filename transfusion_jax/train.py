@@ -175,6 +175,7 @@ def train(cfg, workdir, devices=None, stop_at_step: int | None = None) -> dict:
             if step % t.log_every == 0 or step == t.num_steps or stopping:
                 record = _log_record(window, window_steps, window_start, step, cfg, peak, mesh)
                 record["nonfinite_steps"] = int(state.nonfinite_steps)
+                record["skipped_examples"] = source.skipped_examples
                 if writer is not None:
                     writer.write(record)
                 log(_progress_line(record, t.num_steps))

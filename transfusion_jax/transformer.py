@@ -39,8 +39,13 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, positions, mask):
-        """x: [B * L, d] or [B, L, d]; positions [B, L]; mask [B, L, L]. Returns x's shape."""
+    def __call__(self, x, positions, mask, kv=None, write_at=None):
+        """x: [B * L, d] or [B, L, d]; positions [B, L]. Returns (output shaped like x, kv).
+
+        Without a cache the mask is [B, L, L] over these positions. With `kv` = (k, v) caches
+        [B, S, G, D], this block's keys/values are first written at each row's `write_at` [B],
+        then the queries attend over the whole cache with a [B, L, S] mask.
+        """
         b, length = positions.shape
         q = self.q(x).reshape(b, length, self.num_heads, self.head_dim)
         k = self.k(x).reshape(b, length, self.num_kv_heads, self.head_dim)
@@ -49,8 +54,22 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
+        if kv is not None:
+            k, v = _write_rows(kv[0], k, write_at), _write_rows(kv[1], v, write_at)
+            kv = (k, v)
         out = attention.dot_product_attention(q, k, v, mask, self.implementation)
-        return self.o(out.reshape(b * length, self.num_heads * self.head_dim)).reshape(x.shape)
+        out = self.o(out.reshape(b * length, self.num_heads * self.head_dim)).reshape(x.shape)
+        return out, kv
+
+
+def _write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """cache [B, S, ...] with new [B, L, ...] written at row-wise offsets start [B]."""
+    cache = cache.astype(new.dtype)
+
+    def write(c, n, i):
+        return jax.lax.dynamic_update_slice(c, n, (i,) + (0,) * (c.ndim - 1))
+
+    return jax.vmap(write)(cache, new, start)
 
 
 class SwiGLU(nnx.Module):
@@ -76,9 +95,10 @@ class Block(nnx.Module):
         self.mlp_norm = rms_norm(rngs, m.d_model, "embed", **norm)
         self.mlp = SwiGLU(cfg, rngs)
 
-    def __call__(self, x, positions, mask):
-        x = x + self.attn(self.attn_norm(x), positions, mask)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x, positions, mask, kv=None, write_at=None):
+        h, kv = self.attn(self.attn_norm(x), positions, mask, kv, write_at)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), kv
 
 
 class Transformer(nnx.Module):
@@ -113,15 +133,20 @@ class Transformer(nnx.Module):
             param_dtype=to_dtype(m.param_dtype),
         )
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x, positions, mask, cache=None, write_at=None):
+        """x [B, L, d] -> [B, L, d]. With `cache` = (k, v) of [depth, B, S, G, D] (generation),
+        returns (output, updated cache); see Attention for the mask and `write_at`."""
         graphdef, stacked = nnx.split(self.blocks)
 
-        def layer(h, block_state):
-            return nnx.merge(graphdef, block_state)(h, positions, mask), None
+        def layer(h, xs):
+            block_state, kv = xs
+            h, kv = nnx.merge(graphdef, block_state)(h, positions, mask, kv, write_at)
+            return h, kv
 
         policy = REMAT_POLICIES[self.remat_policy]
-        if self.remat_policy != "none":
+        if self.remat_policy != "none" and cache is None:
             layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
         b, length, d = x.shape
-        x, _ = jax.lax.scan(layer, x.reshape(b * length, d), stacked)
-        return self.final_norm(x).reshape(b, length, d)
+        x, new_cache = jax.lax.scan(layer, x.reshape(b * length, d), (stacked, cache))
+        x = self.final_norm(x).reshape(b, length, d)
+        return x if cache is None else (x, new_cache)

@@ -33,6 +33,7 @@ class SyntheticSource:
         self.captions = classes.integers(FIRST_TEXT_ID, vocab, (NUM_CLASSES, cfg.data.caption_len))
         self.patterns = classes.normal(size=(NUM_CLASSES, *self.shape)).astype(np.float32)
         self.batches_done = 0
+        self.skipped_examples = 0
 
     def _row(self, index: int) -> list:
         rng = np.random.default_rng((self.cfg.train.seed, index))

@@ -1,0 +1,74 @@
+"""Records to documents: tokenize, decode the image to its latent, choose the direction.
+
+Image-caption records become caption-first documents (`BOS caption BOI image EOI EOS`, text ->
+image) with probability `data.caption_first_prob` (the paper: 0.8), the caption dropped at
+`diffusion.cond_drop_rate` for classifier-free guidance; otherwise image-first documents
+(`BOS BOI image EOI caption EOS`, captioning) with the noise-limiting flag set. Text records become
+`BOS text EOS`. A record that cannot be used becomes `Skipped(reason)`, so the packer can count it
+(grain drops None elements silently).
+"""
+
+import dataclasses
+import logging
+
+import numpy as np
+
+from transfusion_jax.batch import caption_first_document, image_first_document
+from transfusion_jax.data.images import array_to_image, load_image, to_latent
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    reason: str
+
+
+class ToDocument:
+    """A grain random-map transform: (record, numpy Generator) -> document | Skipped."""
+
+    def __init__(self, cfg, tokenizer):
+        d = cfg.data
+        self.tokenizer, self.special = tokenizer, tokenizer.special
+        self.image_size, self.latents = d.image_size, d.latents
+        self.max_caption_tokens = d.max_caption_tokens
+        self.caption_first_prob = d.caption_first_prob
+        self.cond_drop_rate = cfg.diffusion.cond_drop_rate
+
+    def __call__(self, record: dict, rng: np.random.Generator):
+        s = self.special
+        if "image" not in record:
+            return [[s.bos, *self.tokenizer.encode(record["text"]), s.eos]]
+        text = record["text"]
+        if isinstance(text, list | tuple):
+            text = text[int(rng.integers(len(text)))] if text else ""
+        caption = self.tokenizer.encode(text.strip())[: self.max_caption_tokens]
+        if not caption:
+            return self._skip(record, "empty caption")
+        try:
+            image = record["image"]
+            if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+                pixels = array_to_image(image)
+                if pixels.shape != (self.image_size, self.image_size, 3):
+                    pixels = load_image(_pil(image), self.image_size)
+            else:
+                pixels = load_image(image, self.image_size)
+        except Exception as e:  # noqa: BLE001 - any decoder error means: skip this image
+            return self._skip(record, f"cannot decode the image ({type(e).__name__}: {e})")
+        latent = to_latent(pixels, self.latents)
+        if rng.random() < self.caption_first_prob:
+            drop = bool(rng.random() < self.cond_drop_rate)
+            return caption_first_document(caption, latent, s, drop_caption=drop)
+        return image_first_document(latent, caption, s)
+
+    @staticmethod
+    def _skip(record: dict, reason: str) -> Skipped:
+        message = f"{record.get('origin', '?')}: {reason}, skipped"
+        log.warning(message)
+        return Skipped(message)
+
+
+def _pil(array: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(array)

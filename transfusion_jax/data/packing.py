@@ -1,0 +1,135 @@
+"""First-fit packing of documents into rows of `seq_len` positions with at most `max_images`
+images each, and the iterator that turns a document stream into packed numpy batches.
+
+A document is never split across rows, except a text-only document longer than a row, which is
+cut into row-sized chunks (each its own document). Packing works on windows of
+`data.pack_window` documents: the window is first-fit packed and its rows are emitted in order.
+So the iterator's whole state is the document stream's state at the window start plus the number
+of rows already emitted: a restore re-reads and re-packs that window and skips those rows, which
+makes resumption exact without storing any buffered document.
+"""
+
+import dataclasses
+
+from transfusion_jax.batch import Image, build_batch, document_length
+from transfusion_jax.data.documents import Skipped
+
+
+def num_images(document) -> int:
+    return sum(isinstance(part, Image) for part in document)
+
+
+def chunk_text(document, seq_len: int) -> list:
+    """A text-only document as pieces of at most seq_len tokens (itself when it fits)."""
+    tokens = [t for part in document for t in part]
+    return [[tokens[i : i + seq_len]] for i in range(0, len(tokens), seq_len)]
+
+
+@dataclasses.dataclass
+class _Row:
+    documents: list
+    length: int = 0
+    images: int = 0
+
+
+def first_fit(documents, seq_len: int, max_images: int, num_patches: int) -> list[list]:
+    """Rows (lists of documents) in order of opening; each document goes to the first row with
+    room for its positions and images."""
+    rows: list[_Row] = []
+    for document in documents:
+        pieces = [document]
+        if num_images(document) == 0 and document_length(document, num_patches) > seq_len:
+            pieces = chunk_text(document, seq_len)
+        for piece in pieces:
+            length, images = document_length(piece, num_patches), num_images(piece)
+            if length > seq_len or images > max_images:
+                raise ValueError(
+                    f"a document of {length} positions and {images} images cannot fit a row of "
+                    f"data.seq_len={seq_len} and image.max_images={max_images}"
+                )
+            for row in rows:
+                if row.length + length <= seq_len and row.images + images <= max_images:
+                    break
+            else:
+                row = _Row([])
+                rows.append(row)
+            row.documents.append(piece)
+            row.length += length
+            row.images += images
+    return [row.documents for row in rows]
+
+
+class PackedBatches:
+    """Numpy `Batch`es of `batch_size` rows from a stream of documents (or `Skipped` markers).
+
+    `documents` is an iterator with `get_state()` / `set_state()` (a grain dataset iterator).
+    `skipped_examples` counts records skipped so far (including `initial_skipped`, e.g. bad
+    metadata rows found when the source was opened).
+    """
+
+    def __init__(
+        self,
+        documents,
+        batch_size: int,
+        seq_len: int,
+        max_images: int,
+        latent_shape: tuple,
+        patch_size: int,
+        special,
+        window: int,
+        initial_skipped: int = 0,
+    ):
+        self.documents, self.batch_size, self.seq_len = documents, batch_size, seq_len
+        self.max_images, self.latent_shape, self.patch_size = max_images, latent_shape, patch_size
+        self.special, self.window = special, window
+        h, w, _ = latent_shape
+        self.num_patches = (h // patch_size) * (w // patch_size)
+        self.skipped_examples = initial_skipped
+        self._rows, self._emitted = [], 0
+        self._window_state, self._skipped_before_window = documents.get_state(), initial_skipped
+
+    def _next_window(self) -> None:
+        self._window_state = self.documents.get_state()
+        self._skipped_before_window = self.skipped_examples
+        window = []
+        while len(window) < self.window:
+            document = next(self.documents)
+            if isinstance(document, Skipped):
+                self.skipped_examples += 1
+            else:
+                window.append(document)
+        self._rows = first_fit(window, self.seq_len, self.max_images, self.num_patches)
+        self._emitted = 0
+
+    def _next_row(self) -> list:
+        if self._emitted == len(self._rows):
+            self._next_window()
+        self._emitted += 1
+        return self._rows[self._emitted - 1]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rows = [self._next_row() for _ in range(self.batch_size)]
+        return build_batch(
+            rows, self.seq_len, self.max_images, self.latent_shape, self.patch_size, self.special
+        )
+
+    def get_state(self) -> dict:
+        return {
+            "documents": self._window_state,
+            "rows_emitted": self._emitted,
+            "skipped_before_window": self._skipped_before_window,
+        }
+
+    def set_state(self, state: dict) -> None:
+        self.documents.set_state(state["documents"])
+        self.skipped_examples = state["skipped_before_window"]
+        self._rows, self._emitted = [], 0
+        if state["rows_emitted"]:
+            self._next_window()
+            self._emitted = state["rows_emitted"]
+        else:
+            self._window_state = state["documents"]
+            self._skipped_before_window = state["skipped_before_window"]

@@ -1,0 +1,121 @@
+"""The grain input pipeline: source -> seeded shuffle -> repeat -> per-process shard -> document
+transform (threads, optionally worker processes) -> text mixing -> first-fit packing -> batches.
+
+The same seed gives the same batches, and the returned iterator's `get_state()` (JSON) restores
+the stream exactly, so a resumed run sees the batches an uninterrupted one would have.
+"""
+
+import grain
+
+from transfusion_jax.batch import document_length
+from transfusion_jax.data.documents import Skipped, ToDocument
+from transfusion_jax.data.packing import PackedBatches
+from transfusion_jax.data.sources import ImageFolderSource, ShapesSource, TextSource, TfdsSource
+from transfusion_jax.data.tokenizer import make_tokenizer
+
+
+def open_source(cfg):
+    d = cfg.data
+    if d.source == "imagefolder":
+        return ImageFolderSource(d.path)
+    if d.source == "tfds":
+        return TfdsSource(
+            d.tfds_name, d.tfds_split, d.tfds_data_dir, d.tfds_image_key, d.tfds_caption_key
+        )
+    if d.source == "shapes":
+        return ShapesSource(d.image_size, cfg.train.seed)
+    if d.source == "text":
+        return TextSource(d.text_path)
+    raise ValueError(f"config field data.source: {d.source!r} is not a grain source")
+
+
+def document_stream(records, cfg, tokenizer, seed: int, process_index: int, process_count: int):
+    """A grain IterDataset of documents (or Skipped markers) for this process."""
+    d = cfg.data
+    dataset = grain.MapDataset.source(records).seed(seed).shuffle().repeat(None)
+    dataset = dataset[process_index::process_count].random_map(ToDocument(cfg, tokenizer))
+    stream = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=d.num_threads, prefetch_buffer_size=d.prefetch)
+    )
+    if d.num_workers > 0:
+        stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
+    return stream
+
+
+class MixedDocuments:
+    """Interleaves image-caption and text documents so that text positions / image-caption
+    positions stays at `text_ratio` (the paper: 1.0). Deterministic; state = both streams' states
+    and the two position counters."""
+
+    def __init__(self, image_docs, text_docs, text_ratio: float, num_patches: int):
+        self.image_docs, self.text_docs = image_docs, text_docs
+        self.ratio, self.num_patches = text_ratio, num_patches
+        self.image_positions = self.text_positions = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        use_text = self.text_positions < self.ratio * self.image_positions
+        document = next(self.text_docs if use_text else self.image_docs)
+        if not isinstance(document, Skipped):
+            length = document_length(document, self.num_patches)
+            if use_text:
+                self.text_positions += length
+            else:
+                self.image_positions += length
+        return document
+
+    def get_state(self) -> dict:
+        return {
+            "image": self.image_docs.get_state(),
+            "text": self.text_docs.get_state(),
+            "positions": [self.image_positions, self.text_positions],
+        }
+
+    def set_state(self, state: dict) -> None:
+        self.image_docs.set_state(state["image"])
+        self.text_docs.set_state(state["text"])
+        self.image_positions, self.text_positions = state["positions"]
+
+
+def make_pipeline(cfg, local_batch_size: int, process_index: int = 0, process_count: int = 1):
+    """This process's batch iterator for `cfg.data`, with get_state/set_state and
+    `skipped_examples`."""
+    d, im = cfg.data, cfg.image
+    tokenizer = make_tokenizer(d.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"config field model.vocab_size: {cfg.model.vocab_size} is smaller than the "
+            f"tokenizer's {tokenizer.vocab_size} ({d.tokenizer})"
+        )
+    if d.latents == "pixels" and (im.latent_size, im.latent_channels) != (d.image_size, 3):
+        raise ValueError(
+            f"config fields image.latent_size/latent_channels: pixel-space images need "
+            f"{d.image_size} and 3 (data.image_size, RGB), got {im.latent_size} and "
+            f"{im.latent_channels}"
+        )
+    latent_shape = (im.latent_size, im.latent_size, im.latent_channels)
+    num_patches = (im.latent_size // im.patch_size) ** 2
+    seed = cfg.train.seed
+    records = open_source(cfg)
+    skipped = records.skipped
+    documents = iter(document_stream(records, cfg, tokenizer, seed, process_index, process_count))
+    if d.source != "text" and d.text_path and d.text_ratio > 0:
+        text = TextSource(d.text_path)
+        skipped += text.skipped
+        text_docs = iter(
+            document_stream(text, cfg, tokenizer, seed + 1, process_index, process_count)
+        )
+        documents = MixedDocuments(documents, text_docs, d.text_ratio, num_patches)
+    return PackedBatches(
+        documents,
+        local_batch_size,
+        d.seq_len,
+        im.max_images,
+        latent_shape,
+        im.patch_size,
+        tokenizer.special,
+        d.pack_window,
+        skipped,
+    )
