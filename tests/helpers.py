@@ -14,6 +14,9 @@ SPECIAL = SpecialTokens()
 def tiny_config(**overrides):
     """configs/tiny.py with `section.key=value` overrides given as section__key=value."""
     cfg = load_config(str(ROOT / "configs" / "tiny.py"))
+    # The geometry the model tests are written for, whatever configs/tiny.py trains on.
+    cfg.image.update(latent_size=16, latent_channels=4, patch_size=2, max_images=2)
+    cfg.data.update(source="synthetic", seq_len=256)
     for name, value in overrides.items():
         section, key = name.split("__")
         cfg[section][key] = value

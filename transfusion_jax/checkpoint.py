@@ -5,15 +5,25 @@ Saves are asynchronous (training continues while the arrays are written) and kee
 mesh, so a run saved on one mesh shape resumes on another.
 """
 
-import orbax.checkpoint as ocp
+import json
+import pathlib
 
-from transfusion_jax.train_step import TrainState
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from transfusion_jax.sharding import make_mesh
+from transfusion_jax.train_step import TrainProgram, TrainState
 
 
 class Checkpointer:
-    def __init__(self, directory, keep: int, async_save: bool = True):
+    def __init__(self, directory, keep: int | None, async_save: bool = True, read_only=False):
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(
             directory, options=options, item_names=("state", "data")
@@ -42,3 +52,27 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def load_trained(workdir, use_ema: bool = False, step: int | None = None):
+    """(model, config, step) from a training run's directory, on the first local device.
+
+    Reads DIR/config.json and the latest (or given) checkpoint; `use_ema` takes the EMA weights
+    when the run kept them.
+    """
+    workdir = pathlib.Path(workdir)
+    config_file = workdir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--workdir {workdir}: no config.json (is it a training run?)")
+    cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    program = TrainProgram(cfg, make_mesh(1, 1, 1, jax.local_devices()[:1]))
+    checkpoints = Checkpointer(workdir / "checkpoints", keep=None, read_only=True)
+    step = checkpoints.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"--workdir {workdir}: no checkpoint in {workdir / 'checkpoints'}")
+    state, _ = checkpoints.restore(step, program.abstract_state())
+    checkpoints.close()
+    if use_ema and not state.ema_params:
+        raise ValueError(f"--workdir {workdir}: the run kept no EMA weights (train.ema_decay=0)")
+    params = state.ema_params if use_ema else state.params
+    return nnx.merge(program.graphdef, params), program.cfg, step

@@ -52,7 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
     # (640, 1280) at 2x2 patches gives the paper's ~0.27B U-Net.
     c.patch.unet_channels = (640, 1280, 1280, 1280)
     c.patch.unet_blocks = 2  # ResNet blocks per level (the paper's "2-block" U-Net).
-    c.patch.unet_attention = True  # Self-attention after every ResNet block.
+    # Self-attention after each ResNet block at levels of at most this many pixels a side (full
+    # attention over 32x32 positions costs more than the rest of a small U-Net; 0 = none).
+    c.patch.unet_attention_resolution = 16
     c.patch.unet_head_dim = 64
 
     c.diffusion = ml_collections.ConfigDict()

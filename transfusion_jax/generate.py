@@ -123,6 +123,7 @@ class SamplingOptions:
     sampler: str = "ddpm"  # "ddpm", "ddim" (epsilon objective), "euler", "heun" (flow)
     steps: int = 250
     cfg_scale: float = 1.0
+    clip_x0: float | None = None  # DDPM/DDIM: clip predicted x0 (1.0 for pixels in [-1, 1])
 
 
 @dataclasses.dataclass
@@ -135,13 +136,25 @@ class GenerationResult:
 class Generator:
     """Jitted generation for one model (its graph and parameters) and its special tokens."""
 
-    def __init__(self, model, diffusion: Diffusion, special: SpecialTokens, image_shape):
+    def __init__(
+        self,
+        model,
+        diffusion: Diffusion,
+        special: SpecialTokens,
+        image_shape,
+        progress=None,
+        num_ids: int | None = None,
+    ):
+        """num_ids: the tokenizer's ids are [0, num_ids); the rest of the vocabulary is padding
+        and is never emitted (None: all ids). progress: optional host function called once per
+        denoising model evaluation."""
         self.graphdef, self.params = nnx.split(model)
+        self.progress = progress
         self.diffusion, self.special = diffusion, special
         self.image_shape = tuple(image_shape)
         self.num_patches = model.num_patches
         vocab = model.embed.num_embeddings
-        valid = np.arange(vocab) <= max(dataclasses.astuple(special))
+        valid = np.arange(vocab) < (num_ids or vocab)
         valid[special.pad] = False  # never generate padding or ids beyond the tokenizer's
         self.vocab_mask = jnp.asarray(valid)
         self._append_tokens = jax.jit(self._wrap(append_tokens))
@@ -203,8 +216,16 @@ class Generator:
         noise_rng, sample_rng = jax.random.split(rng)
         x_T = jax.random.normal(noise_rng, (b, *self.image_shape), jnp.float32)
         predict_fn = samplers.guided(predict(ctx), predict(uncond), options.cfg_scale)
+        if self.progress is not None:
+            guided_fn = predict_fn
+
+            def predict_fn(x, t):
+                jax.debug.callback(self.progress, t)
+                return guided_fn(x, t)
+
+        extra = {} if options.clip_x0 is None else {"clip_x0": options.clip_x0}
         return samplers.sample(
-            predict_fn, x_T, sample_rng, self.diffusion, options.sampler, options.steps
+            predict_fn, x_T, sample_rng, self.diffusion, options.sampler, options.steps, **extra
         )
 
     # -- the driver ---------------------------------------------------------------------------

@@ -248,7 +248,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if launched_as_several_processes():
-        jax.distributed.initialize()
+        env = os.environ  # explicit launch: JAX_COORDINATOR_ADDRESS + these two; else detected
+        if env.get("JAX_NUM_PROCESSES"):
+            jax.distributed.initialize(
+                num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"])
+            )
+        else:
+            jax.distributed.initialize()
     try:
         train(_CONFIG.value, _WORKDIR.value)
     except NonFiniteLossError as e:

@@ -1,10 +1,11 @@
 """The paper's U-Net patch variant: down blocks before the transformer, up blocks after it.
 
 A latent [h, w, c] goes through log2(k) + 1 resolution levels of ResNet blocks (timestep embedding
-added inside every block, LayerNorm where latent-diffusion U-Nets use AdaLN/GroupNorm, optional
-self-attention after each block), halving the resolution between levels, so the last level is
-[h/k, w/k, width] and becomes N = (h/k) * (w/k) tokens of width d. The up path mirrors it and takes
-one skip connection from each down block, across the transformer.
+added inside every block, LayerNorm where latent-diffusion U-Nets use AdaLN/GroupNorm,
+self-attention after each block at resolutions up to `patch.unet_attention_resolution`), halving
+the resolution between levels, so the last level is [h/k, w/k, width] and becomes
+N = (h/k) * (w/k) tokens of width d. The up path mirrors it and takes one skip connection from each
+down block, across the transformer.
 """
 
 import math
@@ -87,12 +88,10 @@ class UNetPatching(nnx.Module):
         temb_dim = 4 * widths[0]
         self.time = TimestepEmbedding(p.time_embed_dim, temb_dim, **dt, rngs=rngs)
 
-        def attn(c):
-            return (
-                SpatialSelfAttention(c, p.unet_head_dim, dt=dt, rngs=rngs)
-                if p.unet_attention
-                else None
-            )
+        def attn(c, level):
+            resolution = im.latent_size // 2**level
+            wanted = resolution <= p.unet_attention_resolution
+            return SpatialSelfAttention(c, p.unet_head_dim, dt=dt, rngs=rngs) if wanted else None
 
         # Down path: conv_in, then per level `unet_blocks` (ResBlock, attention), then downsample.
         self.conv_in = _conv(rngs, im.latent_channels, widths[0], 3, dt=dt)
@@ -102,7 +101,7 @@ class UNetPatching(nnx.Module):
         for level, width in enumerate(widths):
             for _ in range(p.unet_blocks):
                 self.down.append(ResBlock(c, width, temb_dim, dt=dt, rngs=rngs))
-                self.down_attn.append(attn(width))
+                self.down_attn.append(attn(width, level))
                 c = width
                 skip_widths.append(c)
             if level < levels - 1:
@@ -117,7 +116,7 @@ class UNetPatching(nnx.Module):
             width = widths[level]
             for _ in range(p.unet_blocks):
                 self.up.append(ResBlock(c + skip_widths.pop(), width, temb_dim, dt=dt, rngs=rngs))
-                self.up_attn.append(attn(width))
+                self.up_attn.append(attn(width, level))
                 c = width
             if level > 0:
                 self.upsample.append(_conv(rngs, c, c, 3, dt=dt))

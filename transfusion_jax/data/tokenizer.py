@@ -59,7 +59,9 @@ class Tokenizer:
         if len(set(specials)) != len(specials):
             raise ValueError(f"special token ids must be distinct: {special}")
         self.num_base_tokens, self.special = num_base_tokens, special
-        self.vocab_size = _round_up(max(num_base_tokens + len(specials), max(specials) + 1), pad_to)
+        # Ids [0, num_ids) can occur; [num_ids, vocab_size) is padding the model must not emit.
+        self.num_ids = max(num_base_tokens + len(specials), max(specials) + 1)
+        self.vocab_size = _round_up(self.num_ids, pad_to)
 
     def encode(self, text: str) -> list[int]:
         """The ids of `text`, with no special tokens added."""
