@@ -25,18 +25,16 @@ EMOJI, FLICKR = SHARED / "noto_emoji_72", SHARED / "flickr8k_1k"
 
 def folder_config(path, **data):
     cfg = tiny_config()
-    cfg.data.update(
-        dict(
-            source="imagefolder",
-            path=str(path),
-            image_size=16,
-            seq_len=160,
-            max_caption_tokens=24,
-            pack_window=16,
-            num_threads=2,
-            **data,
-        )
+    defaults = dict(
+        source="imagefolder",
+        path=str(path),
+        image_size=16,
+        seq_len=160,
+        max_caption_tokens=24,
+        pack_window=16,
+        num_threads=2,
     )
+    cfg.data.update({**defaults, **data})
     cfg.image.update(latent_size=16, latent_channels=3, patch_size=4, max_images=3)
     return cfg
 
@@ -213,3 +211,107 @@ def test_emoji_smoke():
     used = image_slots(b.image_ids, 3)[1]
     corners = b.latents[used][:, 0, 0]
     assert (corners > 0.9).mean() > 0.8
+
+
+class FakeTfdsSource:
+    """What `tfds.data_source` returns for coco_captions-like features: random access to dicts of
+    numpy values, images decoded to uint8, captions as arrays of byte strings."""
+
+    def __init__(self, n):
+        rng = np.random.default_rng(0)
+        self.examples = [
+            {
+                "image": rng.integers(0, 255, (20 + i, 30, 3), dtype=np.uint8),
+                "captions": {
+                    "text": np.array(
+                        [f"photo {i} a".encode(), f"photo {i} b".encode()], dtype=object
+                    )
+                },
+            }
+            for i in range(n)
+        ]
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+
+def test_tfds_source_reads_nested_caption_lists(monkeypatch):
+    import tensorflow_datasets as tfds
+
+    calls = []
+
+    def data_source(name, split, data_dir):
+        calls.append((name, split, data_dir))
+        return FakeTfdsSource(6)
+
+    monkeypatch.setattr(tfds, "data_source", data_source)
+    cfg = folder_config("unused", source="tfds", tfds_name="coco_captions", tfds_split="val")
+    source = make_source(cfg, 2)
+    assert calls == [("coco_captions", "val", None)]
+    texts = []
+    for _ in range(6):
+        b = next(source)
+        assert (b.image_ids >= 0).any()
+        texts += [bytes(t - 5 for t in row if 5 <= t < 261).decode() for row in b.tokens]
+    assert any("photo" in t and (t.endswith(" a") or " a" in t) for t in texts)
+    assert any(" b" in t for t in texts), "one caption of the list is drawn per use"
+    cfg.data.tfds_caption_key = "captions/nope"
+    with pytest.raises(KeyError, match="no field 'captions/nope'"):
+        make_source(cfg, 2)  # checked on the first example, at start
+
+
+def test_latent_cache_round_trip_and_training_source(tmp_path):
+    from transfusion_jax.data.cache import CachedSource, write_cache
+
+    write_folder(tmp_path / "folder", 5, corrupt=True)
+    records = ImageFolderSource(tmp_path / "folder")
+    written, skipped = write_cache(records, 16, "pixels", tmp_path / "cache.array_record")
+    assert (written, skipped) == (5, 1)  # the 5 good rows; the truncated image is skipped
+    cached = CachedSource(tmp_path / "cache.array_record")
+    assert len(cached) == 5
+    first = cached[0]
+    expected = load_image(str(tmp_path / "folder" / "images" / "0.png"), 16)
+    np.testing.assert_allclose(first["latent"], expected, atol=1e-2)  # stored as float16
+    assert first["text"] == ["picture number 0"]
+    cfg = folder_config(tmp_path / "cache.array_record", source="cached")
+    b = next(make_source(cfg, 2))
+    assert (b.image_ids >= 0).any() and np.abs(b.latents).max() <= 1.0
+
+
+def test_worker_processes_give_the_same_batches(tmp_path):
+    write_folder(tmp_path, 8)
+    cfg = folder_config(tmp_path)
+    plain = make_source(cfg, 2)
+    expected = [next(plain).tokens for _ in range(4)]
+    cfg.data.num_workers = 2
+    source = make_source(cfg, 2)
+    for tokens in expected[:2]:
+        np.testing.assert_array_equal(next(source).tokens, tokens)
+    state = json.loads(json.dumps(source.get_state()))
+    resumed = make_source(cfg, 2)
+    resumed.set_state(state)
+    for tokens in expected[2:]:
+        np.testing.assert_array_equal(next(resumed).tokens, tokens)
+
+
+def test_text_mixing_keeps_the_token_ratio(tmp_path):
+    write_folder(tmp_path / "folder", 8)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"paragraph {i} " * (1 + i % 5) for i in range(50)))
+    cfg = folder_config(tmp_path / "folder", text_path=str(corpus), text_ratio=1.0)
+    source = make_source(cfg, 4)
+    text = image = 0
+    for _ in range(15):
+        b = next(source)
+        for r in range(4):
+            for doc in np.unique(b.segment_ids[r][b.segment_ids[r] > 0]):
+                positions = b.segment_ids[r] == doc
+                if (b.image_ids[r][positions] >= 0).any():
+                    image += positions.sum()
+                else:
+                    text += positions.sum()
+    assert text > 0 and image > 0
+    assert 0.8 < text / image < 1.25, (text, image)

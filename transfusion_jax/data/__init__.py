@@ -5,7 +5,7 @@ resumed run continues with the next batch, and `skipped_examples` (records skipp
 from transfusion_jax.data.pipeline import make_pipeline
 from transfusion_jax.data.synthetic import SyntheticSource
 
-GRAIN_SOURCES = ("shapes", "imagefolder", "tfds", "text")
+GRAIN_SOURCES = ("shapes", "imagefolder", "tfds", "text", "cached")
 SOURCES = {"synthetic": SyntheticSource}
 
 

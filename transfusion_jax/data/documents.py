@@ -12,6 +12,7 @@ import dataclasses
 import logging
 
 import numpy as np
+from PIL import Image as PILImage
 
 from transfusion_jax.batch import caption_first_document, image_first_document
 from transfusion_jax.data.images import array_to_image, load_image, to_latent
@@ -37,38 +38,41 @@ class ToDocument:
 
     def __call__(self, record: dict, rng: np.random.Generator):
         s = self.special
-        if "image" not in record:
+        if "image" not in record and "latent" not in record:  # a text-only record
             return [[s.bos, *self.tokenizer.encode(record["text"]), s.eos]]
         text = record["text"]
         if isinstance(text, list | tuple):
             text = text[int(rng.integers(len(text)))] if text else ""
         caption = self.tokenizer.encode(text.strip())[: self.max_caption_tokens]
         if not caption:
-            return self._skip(record, "empty caption")
-        try:
-            image = record["image"]
-            if isinstance(image, np.ndarray) and image.dtype == np.uint8:
-                pixels = array_to_image(image)
-                if pixels.shape != (self.image_size, self.image_size, 3):
-                    pixels = load_image(_pil(image), self.image_size)
-            else:
-                pixels = load_image(image, self.image_size)
-        except Exception as e:  # noqa: BLE001 - any decoder error means: skip this image
-            return self._skip(record, f"cannot decode the image ({type(e).__name__}: {e})")
-        latent = to_latent(pixels, self.latents)
+            return _skip(record, "empty caption")
+        if "latent" in record:  # from a latent cache (data/cache.py)
+            latent = record["latent"]
+        else:
+            pixels = decode_image(record, self.image_size)
+            if isinstance(pixels, Skipped):
+                return pixels
+            latent = to_latent(pixels, self.latents)
         if rng.random() < self.caption_first_prob:
             drop = bool(rng.random() < self.cond_drop_rate)
             return caption_first_document(caption, latent, s, drop_caption=drop)
         return image_first_document(latent, caption, s)
 
-    @staticmethod
-    def _skip(record: dict, reason: str) -> Skipped:
-        message = f"{record.get('origin', '?')}: {reason}, skipped"
-        log.warning(message)
-        return Skipped(message)
+
+def _skip(record: dict, reason: str) -> Skipped:
+    message = f"{record.get('origin', '?')}: {reason}, skipped"
+    log.warning(message)
+    return Skipped(message)
 
 
-def _pil(array: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(array)
+def decode_image(record: dict, image_size: int):
+    """The record's image as float32 [size, size, 3] in [-1, 1], or Skipped if it cannot be read."""
+    image = record["image"]
+    try:
+        if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+            if image.shape == (image_size, image_size, 3):
+                return array_to_image(image)
+            image = PILImage.fromarray(image)
+        return load_image(image, image_size)
+    except Exception as e:  # noqa: BLE001 - any decoder error means: skip this image
+        return _skip(record, f"cannot decode the image ({type(e).__name__}: {e})")

@@ -6,8 +6,10 @@ the stream exactly, so a resumed run sees the batches an uninterrupted one would
 """
 
 import grain
+from absl import flags
 
 from transfusion_jax.batch import document_length
+from transfusion_jax.data.cache import CachedSource
 from transfusion_jax.data.documents import Skipped, ToDocument
 from transfusion_jax.data.packing import PackedBatches
 from transfusion_jax.data.sources import ImageFolderSource, ShapesSource, TextSource, TfdsSource
@@ -26,6 +28,8 @@ def open_source(cfg):
         return ShapesSource(d.image_size, cfg.train.seed)
     if d.source == "text":
         return TextSource(d.text_path)
+    if d.source == "cached":
+        return CachedSource(d.path)
     raise ValueError(f"config field data.source: {d.source!r} is not a grain source")
 
 
@@ -38,6 +42,8 @@ def document_stream(records, cfg, tokenizer, seed: int, process_index: int, proc
         grain.ReadOptions(num_threads=d.num_threads, prefetch_buffer_size=d.prefetch)
     )
     if d.num_workers > 0:
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside app.run
+            flags.FLAGS.mark_as_parsed()  # (a library call, a test) use their defaults
         stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
     return stream
 

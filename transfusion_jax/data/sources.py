@@ -91,6 +91,7 @@ class TfdsSource:
         self.skipped = 0
         if len(self.source) == 0:
             raise ValueError(f"config field data.tfds_name: {name}[{split}] has no example")
+        self[0]  # a wrong field name fails here, at start, not in a worker mid-run
 
     def __len__(self) -> int:
         return len(self.source)
