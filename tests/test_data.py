@@ -315,3 +315,22 @@ def test_text_mixing_keeps_the_token_ratio(tmp_path):
                     text += positions.sum()
     assert text > 0 and image > 0
     assert 0.8 < text / image < 1.25, (text, image)
+
+
+def test_text_and_cached_sources_train_through_the_trainer(tmp_path):
+    from transfusion_jax.data.cache import write_cache
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"line {i} " * 5}) for i in range(30)))
+    write_folder(tmp_path / "folder", 4)
+    write_cache(ImageFolderSource(tmp_path / "folder"), 16, "pixels", tmp_path / "c.array_record")
+    for name, path, data in [
+        ("text", tmp_path / "folder", {"text_path": str(corpus)}),
+        ("cached", tmp_path / "c.array_record", {}),
+    ]:
+        cfg = folder_config(path, source=name, **data)
+        cfg.model.update(d_model=64, depth=2)
+        cfg.train.update(batch_size=2, num_steps=2, log_every=2, checkpoint_every=2)
+        cfg.mesh.fsdp = 1
+        record = train(cfg, tmp_path / name, devices=jax.devices()[:1])
+        assert record["step"] == 2 and np.isfinite(record["lm_loss"]), name
