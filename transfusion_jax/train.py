@@ -149,7 +149,7 @@ def train(cfg, workdir, devices=None, stop_at_step: int | None = None) -> dict:
         log(f"resumed from the checkpoint of step {latest}")
 
     # -- compile ahead of time ------------------------------------------------------------------
-    first_batch = next(source)
+    first_batch = shd.global_batch(next(source), mesh)  # global shapes, also with N processes
     compiled = program.compile(first_batch)
     tokens_per_step = t.batch_size * cfg.data.seq_len
     flops_per_token = model_flops_per_token(cfg, cfg.data.seq_len, counts)
@@ -164,7 +164,7 @@ def train(cfg, workdir, devices=None, stop_at_step: int | None = None) -> dict:
     pending = first_batch
     try:
         while step < t.num_steps:
-            batch = shd.global_batch(pending if pending is not None else next(source), mesh)
+            batch = pending if pending is not None else shd.global_batch(next(source), mesh)
             pending = None
             state, metrics = compiled(state, batch)
             step += 1
