@@ -17,6 +17,7 @@ def tiny_config(**overrides):
     # The geometry the model tests are written for, whatever configs/tiny.py trains on.
     cfg.image.update(latent_size=16, latent_channels=4, patch_size=2, max_images=2)
     cfg.data.update(source="synthetic", seq_len=256)
+    cfg.patch.kind = "linear"
     for name, value in overrides.items():
         section, key = name.split("__")
         cfg[section][key] = value

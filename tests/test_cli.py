@@ -15,6 +15,7 @@ SMALL = [
     "--config.image.latent_size=8",
     "--config.data.seq_len=64",
     "--config.data.source=synthetic",
+    "--config.patch.kind=linear",
 ]
 
 

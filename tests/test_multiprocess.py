@@ -14,6 +14,7 @@ from tests.helpers import ROOT
 
 OVERRIDES = [
     "--config.data.source=synthetic",
+    "--config.patch.kind=linear",
     "--config.model.d_model=64",
     "--config.model.depth=2",
     "--config.image.latent_size=8",
