@@ -12,13 +12,11 @@ after one warm-up run (which also compiles).
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_train import reference_config  # the script's own directory is on sys.path
+from bench_train import reference_config, timed  # the script's directory is on sys.path
 from flax import nnx
 
 from transfusion_jax import samplers
@@ -31,12 +29,7 @@ from transfusion_jax.model import Transfusion
 
 def median_time(fn, repeats):
     jax.block_until_ready(fn())  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return timed(fn, repeats)
 
 
 def main():

@@ -1,5 +1,7 @@
 """KV-cached generation against the training forward pass run on the whole sequence."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,13 +23,24 @@ from transfusion_jax.model import Transfusion
 SHAPE = (8, 8, 4)  # 16 patches of 2x2
 
 
-@pytest.fixture(scope="module", params=["linear", "unet"])
-def setup(request):
-    cfg = tiny_config(patch__kind=request.param, image__latent_size=8)
+@functools.cache
+def make_setup(kind):
+    cfg = tiny_config(patch__kind=kind, image__latent_size=8)
     model = Transfusion(cfg, nnx.Rngs(0))
     # The time conditioning must matter for the test to mean anything.
     assert np.abs(np.asarray(model.patching.time.fc2.kernel[...])).sum() > 0
     return model, Generator(model, Diffusion(), SPECIAL, SHAPE)
+
+
+@pytest.fixture(params=["linear", "unet"])
+def setup(request):
+    """Both patch layers: for the tests that compare the cached path with the full forward."""
+    return make_setup(request.param)
+
+
+@pytest.fixture
+def linear_setup():
+    return make_setup("linear")
 
 
 def reference_batch(prefix, given, generated, tail=()):
@@ -101,8 +114,8 @@ def test_cached_generation_equals_uncached(setup, cfg_scale):
     assert cached_text == tail
 
 
-def test_guidance_at_scale_one_is_the_conditional_sampler(setup):
-    model, gen = setup
+def test_guidance_at_scale_one_is_the_conditional_sampler(linear_setup):
+    model, gen = linear_setup
     ctx = gen.add_tokens(gen.start([[SPECIAL.bos, 12]], 64), [[SPECIAL.boi]])
     options = SamplingOptions(steps=3, cfg_scale=1.0, sampler="ddim")
     _, image = gen.generate_image(ctx, jax.random.key(5), options)
@@ -116,8 +129,8 @@ def test_guidance_at_scale_one_is_the_conditional_sampler(setup):
     np.testing.assert_allclose(image, expected, atol=1e-5)
 
 
-def test_fixed_seeds_reproduce_and_batches_are_independent(setup):
-    _, gen = setup
+def test_fixed_seeds_reproduce_and_batches_are_independent(linear_setup):
+    _, gen = linear_setup
     options = SamplingOptions(max_new_tokens=4, steps=3, cfg_scale=2.0)
     prompts = [[SPECIAL.bos, 10], [SPECIAL.bos, 20, 21, 22]]
     a = gen.generate(prompts, jax.random.key(0), options, force_image=True)
@@ -135,8 +148,8 @@ def test_fixed_seeds_reproduce_and_batches_are_independent(setup):
     np.testing.assert_allclose(ctx_batch.logits[1], ctx_alone.logits[0], atol=1e-5)
 
 
-def test_captioning_returns_text_after_the_given_image(setup):
-    _, gen = setup
+def test_captioning_returns_text_after_the_given_image(linear_setup):
+    _, gen = linear_setup
     images = np.random.default_rng(2).normal(size=(2, *SHAPE)).astype(np.float32)
     result = gen.generate(
         [[SPECIAL.bos]] * 2,
@@ -146,3 +159,25 @@ def test_captioning_returns_text_after_the_given_image(setup):
     )
     assert all(1 <= len(row) <= 5 for row in result.tokens)
     assert result.images == [[], []]
+
+
+def test_token_sampling_respects_temperature_top_k_and_top_p():
+    from transfusion_jax.generate import sample_token
+
+    logits = jnp.log(jnp.asarray([[0.05, 0.5, 0.3, 0.15]]))
+    assert int(sample_token(jax.random.key(0), logits, 0.0, 0, 1.0)[0]) == 1  # greedy
+    keys = jax.random.split(jax.random.key(1), 4000)
+    draw = jax.vmap(
+        lambda k, top_k, top_p: sample_token(k, logits, 1.0, top_k, top_p)[0],
+        in_axes=(0, None, None),
+    )
+    for top_k, top_p, allowed, probs in [
+        (0, 1.0, {0, 1, 2, 3}, [0.05, 0.5, 0.3, 0.15]),
+        (2, 1.0, {1, 2}, [0, 0.5 / 0.8, 0.3 / 0.8, 0]),
+        (0, 0.7, {1, 2}, [0, 0.5 / 0.8, 0.3 / 0.8, 0]),  # smallest set with mass >= 0.7
+        (1, 1.0, {1}, [0, 1, 0, 0]),
+    ]:
+        tokens = np.asarray(jax.jit(draw, static_argnums=(1, 2))(keys, top_k, top_p))
+        assert set(np.unique(tokens)) == allowed, (top_k, top_p)
+        freq = np.bincount(tokens, minlength=4) / len(tokens)
+        np.testing.assert_allclose(freq, probs, atol=0.03)
