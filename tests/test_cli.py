@@ -19,18 +19,19 @@ SMALL = [
 ]
 
 
-def run_train(workdir, *overrides, **kwargs):
-    cmd = [sys.executable, "-m", "transfusion_jax.train", "--config", "configs/tiny.py"]
+def run_train(workdir, *overrides):
+    """The CLI as a user runs it: from the workdir's parent, with a relative --workdir."""
+    config = str(ROOT / "configs" / "tiny.py")
+    cmd = [sys.executable, "-m", "transfusion_jax.train", "--config", config]
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    args = cmd + ["--workdir", str(workdir), *SMALL, *overrides]
+    args = cmd + ["--workdir", workdir.name, *SMALL, *overrides]
     return subprocess.Popen(
         args,
-        cwd=ROOT,
+        cwd=workdir.parent,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        **kwargs,
     )
 
 
@@ -40,6 +41,7 @@ def test_cli_trains_and_writes_config_and_metrics(tmp_path):
         "--config.train.num_steps=4",
         "--config.train.log_every=2",
         "--config.train.tensorboard=True",
+        "--config.train.peak_tflops=0.5",
     )
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
@@ -60,6 +62,10 @@ def test_cli_trains_and_writes_config_and_metrics(tmp_path):
     }
     assert required <= set(records[0])
     assert records[-1]["examples_seen"] == 4 * 8
+    # MFU = tokens/s x model FLOPs per token / peak; the printed FLOPs per token give the check
+    flops = float(out.split("model FLOPs per token ")[1].split(",")[0])
+    for r in records:
+        assert abs(r["mfu"] - r["tokens_per_s"] * flops / 0.5e12) < 1e-3 * r["mfu"]
     assert (tmp_path / "checkpoints" / "4").is_dir()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 

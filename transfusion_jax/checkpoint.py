@@ -25,6 +25,7 @@ class Checkpointer:
             create=not read_only,
             read_only=read_only,
         )
+        directory = pathlib.Path(directory).absolute()  # Orbax refuses relative paths
         self.manager = ocp.CheckpointManager(
             directory, options=options, item_names=("state", "data")
         )

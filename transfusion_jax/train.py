@@ -102,8 +102,8 @@ def _print_compiled(compiled, flops_per_token, tokens_per_step):
             f"temporaries {memory.temp_size_in_bytes * gib:.2f} GiB per device"
         )
     log(
-        f"model FLOPs per token {flops_per_token / 1e9:.3f} GFLOP, "
-        f"per step {flops_per_token * tokens_per_step / 1e12:.3f} TFLOP"
+        f"model FLOPs per token {flops_per_token:.4g}, "
+        f"per step {flops_per_token * tokens_per_step:.4g}"
     )
 
 
@@ -155,6 +155,7 @@ def train(cfg, workdir, devices=None, stop_at_step: int | None = None) -> dict:
     flops_per_token = model_flops_per_token(cfg, cfg.data.seq_len, counts)
     _print_compiled(compiled, flops_per_token, tokens_per_step)
     peak = t.peak_tflops or device_peak_tflops(jax.devices()[0])
+    mfu_scale = flops_per_token / (peak * 1e12 * mesh.devices.size) if peak else 0.0
 
     # -- loop ---------------------------------------------------------------------------------
     writer = MetricsWriter(workdir, t.tensorboard) if jax.process_index() == 0 else None
@@ -173,7 +174,7 @@ def train(cfg, workdir, devices=None, stop_at_step: int | None = None) -> dict:
 
             stopping = preemption.raised or step == stop_at_step
             if step % t.log_every == 0 or step == t.num_steps or stopping:
-                record = _log_record(window, window_steps, window_start, step, cfg, peak, mesh)
+                record = _log_record(window, window_steps, window_start, step, cfg, mfu_scale)
                 record["nonfinite_steps"] = int(state.nonfinite_steps)
                 record["skipped_examples"] = source.skipped_examples
                 if writer is not None:
@@ -195,7 +196,9 @@ def train(cfg, workdir, devices=None, stop_at_step: int | None = None) -> dict:
     return last_logged
 
 
-def _log_record(window, steps, start, step, cfg, peak, mesh) -> dict:
+def _log_record(window, steps, start, step, cfg, mfu_per_token_per_s) -> dict:
+    """The window's mean metrics and throughput; MFU when the mesh's peak FLOP/s is known
+    (`mfu_per_token_per_s` = model FLOPs per token / peak FLOP/s of the mesh, else 0)."""
     elapsed = time.perf_counter() - start
     means = {k: float(v) / steps for k, v in jax.device_get(window).items()}
     tokens_per_s = steps * cfg.train.batch_size * cfg.data.seq_len / elapsed
@@ -210,10 +213,8 @@ def _log_record(window, steps, start, step, cfg, peak, mesh) -> dict:
         "examples_seen": step * cfg.train.batch_size,
         "step_s": elapsed / steps,
     }
-    if peak:
-        counts = parameter_counts(cfg)
-        flops = model_flops_per_token(cfg, cfg.data.seq_len, counts) * tokens_per_s
-        record["mfu"] = flops / (peak * 1e12 * mesh.devices.size)
+    if mfu_per_token_per_s:
+        record["mfu"] = tokens_per_s * mfu_per_token_per_s
     return record
 
 
