@@ -140,9 +140,7 @@ def test_fixed_seeds_reproduce_and_batches_are_independent(linear_setup):
     np.testing.assert_array_equal(a.images[0][0], b.images[0][0])
     assert np.abs(a.images[0][0] - c.images[0][0]).max() > 1e-3
     assert all(row[0] == SPECIAL.boi and SPECIAL.eoi in row for row in a.tokens)
-    # A row generated alone equals the same row generated in a batch (ragged prompts).
-    alone = gen.generate(prompts[1:], jax.random.key(0), options, force_image=True)
-    assert alone.images[0][0].shape == SHAPE
+    # Ragged prompts: a row's context in a batch equals the row's context alone.
     ctx_batch = gen.start(prompts, 64)
     ctx_alone = gen.start(prompts[1:], 64)
     np.testing.assert_allclose(ctx_batch.logits[1], ctx_alone.logits[0], atol=1e-5)
@@ -181,3 +179,34 @@ def test_token_sampling_respects_temperature_top_k_and_top_p():
         assert set(np.unique(tokens)) == allowed, (top_k, top_p)
         freq = np.bincount(tokens, minlength=4) / len(tokens)
         np.testing.assert_allclose(freq, probs, atol=0.03)
+
+
+def test_rows_that_ended_stay_ended_while_others_draw_images(linear_setup, monkeypatch):
+    """Row 0 ends with EOS while row 1 opens an image: row 0 must get no budget afterwards."""
+    _, gen = linear_setup
+    budgets = []
+
+    def decode(params, ctx, rng, budget, options):
+        budgets.append(np.asarray(budget).tolist())
+        out = np.full((2, options.max_new_tokens), -1, np.int32)
+        if len(budgets) == 1:
+            out[0, :2], out[1, :3] = [30, SPECIAL.eos], [40, 41, SPECIAL.boi]
+        else:
+            out[1, :1] = [SPECIAL.eos]
+        count = (out >= 0).sum(axis=1)
+        return ctx, jnp.asarray(out), jnp.asarray(count), jnp.asarray([False, len(budgets) == 1])
+
+    monkeypatch.setattr(gen, "_decode", decode)
+    options = SamplingOptions(max_new_tokens=6, max_images=2, steps=2)
+    result = gen.generate([[SPECIAL.bos], [SPECIAL.bos]], jax.random.key(0), options)
+    assert budgets == [[6, 6], [0, 3]]
+    assert result.tokens[0] == [30, SPECIAL.eos]
+    assert result.tokens[1] == [40, 41, SPECIAL.boi, SPECIAL.eoi, SPECIAL.eos]
+    assert len(result.images[0]) == 0 and len(result.images[1]) == 1
+
+
+def test_a_full_context_is_refused(linear_setup):
+    _, gen = linear_setup
+    ctx = gen.start([[SPECIAL.bos, 5, 6]], capacity=4)
+    with pytest.raises(ValueError, match="needs 5 positions but holds 4"):
+        gen.add_tokens(ctx, [[7, 8]])

@@ -138,6 +138,12 @@ def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(m.head_dim % 2 == 0, "model.head_dim", f"{m.head_dim} must be even for RoPE")
     for key in ("param_dtype", "dtype"):
         _check(m[key] in _DTYPES, f"model.{key}", f"{m[key]!r} is not one of {_DTYPES}")
+    _check(m.attention in ("xla", "cudnn"), "model.attention", f"{m.attention!r} is unknown")
+    _check(
+        m.attention != "cudnn" or m.dtype in ("bfloat16", "float16"),
+        "model.attention",
+        "cudnn attention needs model.dtype bfloat16 or float16",
+    )
     k = im.patch_size
     _check(k in (1, 2, 4, 8), "image.patch_size", f"{k} is not one of 1, 2, 4, 8")
     _check(

@@ -249,8 +249,19 @@ class Generator:
         ctx = self._append_image(self.params, ctx, jnp.asarray(images, jnp.float32), commit)
         return self.add_tokens(ctx, [[self.special.eoi]] * b, commit)
 
+    @staticmethod
+    def _check_room(ctx: Context, width: int) -> None:
+        """The cache write clamps at capacity (it would overwrite committed positions): refuse."""
+        needed, capacity = int(np.max(np.asarray(ctx.length))) + width, ctx.k.shape[2]
+        if needed > capacity:
+            raise ValueError(
+                f"the context needs {needed} positions but holds {capacity}; "
+                f"start it with a larger capacity"
+            )
+
     def add_tokens(self, ctx: Context, tokens: list[list[int]], commit=None) -> Context:
         counts = np.asarray([len(t) for t in tokens], np.int32)
+        self._check_room(ctx, int(counts.max(initial=0)))
         if commit is not None:
             counts = np.where(np.asarray(commit), counts, 0)
         width = max(1, max(len(t) for t in tokens))
@@ -268,6 +279,7 @@ class Generator:
         """Samples one image per row after the BOI that ends the context; commits it clean with
         EOI for the rows in `commit`. Returns (ctx, images [B, h, w, c])."""
         b = ctx.length.shape[0]
+        self._check_room(ctx, self.num_patches + 1)  # the image and its EOI
         commit = jnp.ones((b,), bool) if commit is None else jnp.asarray(commit)
         uncond = self.unconditional(b, ctx.k.shape[2]) if options.cfg_scale != 1 else ctx
         images = self._image(self.params, ctx, uncond, rng, options)
@@ -331,7 +343,9 @@ class Generator:
                 new_tokens = out[r, : count[r]].tolist()
                 tokens[r] += new_tokens
                 text_since_image[r] += new_tokens
-            budget = budget - count
+            # A row that ended (EOS, or out of budget) stays ended; one that opened an image
+            # goes on with what is left of its budget once the image is drawn.
+            budget = np.where(boi, budget - count, 0)
             wants_image = boi & (budget > 0)
             if not wants_image.any():
                 break

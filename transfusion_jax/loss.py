@@ -37,18 +37,36 @@ def loss_terms(model, batch: Batch, t: jax.Array, noise: jax.Array, diffusion: D
     )
 
 
+def batch_counts(batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(text targets, images) of a batch: the denominators of the two means."""
+    num_tokens = jnp.sum(text_target_mask(batch.segment_ids, batch.image_ids))
+    num_images = jnp.sum(image_slots(batch.image_ids, batch.latents.shape[1])[1])
+    return num_tokens, num_images
+
+
 def transfusion_loss(
-    model, batch: Batch, rng: jax.Array, diffusion: Diffusion, loss_weight: float = 5.0
+    model,
+    batch: Batch,
+    rng: jax.Array,
+    diffusion: Diffusion,
+    loss_weight: float = 5.0,
+    counts: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict]:
-    """Draws t and the noise, and returns (total loss, metrics for logging)."""
+    """Draws t and the noise, and returns (total loss, metrics for logging).
+
+    `counts` = (text targets, images) of a whole batch when this is one micro-batch of it: the
+    sums are divided by the whole batch's counts, so the micro-batch losses add up to the loss
+    of the whole batch (each token and each image still counts once).
+    """
     t_rng, noise_rng = jax.random.split(rng)
     t = diffusion.sample_timesteps(t_rng, batch.noise_limited)
     noise = jax.random.normal(noise_rng, batch.latents.shape, jnp.float32)
     terms = loss_terms(model, batch, t, noise, diffusion)
     num_tokens = jnp.sum(terms["token_mask"])
     num_images = jnp.sum(terms["image_mask"])
-    lm_loss = jnp.sum(terms["token_ce"]) / jnp.maximum(num_tokens, 1)
-    diffusion_loss = jnp.sum(terms["image_mse"]) / jnp.maximum(num_images, 1)
+    token_denominator, image_denominator = counts or (num_tokens, num_images)
+    lm_loss = jnp.sum(terms["token_ce"]) / jnp.maximum(token_denominator, 1)
+    diffusion_loss = jnp.sum(terms["image_mse"]) / jnp.maximum(image_denominator, 1)
     total = lm_loss + loss_weight * diffusion_loss
     metrics = dict(
         loss=total,

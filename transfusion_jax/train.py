@@ -18,7 +18,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from transfusion_jax import sharding as shd
@@ -114,6 +116,11 @@ def train(cfg, workdir, devices=None, stop_at_step: int | None = None) -> dict:
     """
     cfg = resolve_model(cfg)
     t = cfg.train
+    if "://" in str(workdir):
+        raise ValueError(
+            f"--workdir {workdir}: URLs are not supported; mount the bucket (e.g. gcsfuse) and "
+            f"give its local path, shared by every process"
+        )
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
@@ -145,7 +152,7 @@ def train(cfg, workdir, devices=None, stop_at_step: int | None = None) -> dict:
         log("initialised a new model")
     else:
         state, data_state = checkpoints.restore(latest, program.abstract_state())
-        source.set_state(data_state)
+        source.set_state(data_state[str(jax.process_index())])
         log(f"resumed from the checkpoint of step {latest}")
 
     # -- compile ahead of time ------------------------------------------------------------------
@@ -172,7 +179,9 @@ def train(cfg, workdir, devices=None, stop_at_step: int | None = None) -> dict:
             window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
             window_steps += 1
 
-            stopping = preemption.raised or step == stop_at_step
+            stopping = bool(preemption.raised) or step == stop_at_step
+            if jax.process_count() > 1:  # all processes must stop at the same step: decide
+                stopping = step % t.log_every == 0 and _any_process(stopping)  # at log steps
             if step % t.log_every == 0 or step == t.num_steps or stopping:
                 record = _log_record(window, window_steps, window_start, step, cfg, mfu_scale)
                 record["nonfinite_steps"] = int(state.nonfinite_steps)
@@ -185,15 +194,34 @@ def train(cfg, workdir, devices=None, stop_at_step: int | None = None) -> dict:
                 window_start = time.perf_counter()
             if step % t.checkpoint_every == 0 or step == t.num_steps or stopping:
                 _check_finite(state, t.nan_policy)
-                checkpoints.save(step, state, source.get_state())
+                checkpoints.save(step, state, _data_states(source))
             if stopping:
-                why = preemption.raised or f"stop_at_step={stop_at_step}"
+                why = preemption.raised or (
+                    f"stop_at_step={stop_at_step}" if step == stop_at_step else "another process"
+                )
                 log(f"stopping at step {step} ({why}); checkpoint saved")
                 break
     finally:
         checkpoints.close()
         preemption.restore()
     return last_logged
+
+
+def _any_process(flag: bool) -> bool:
+    return bool(multihost_utils.process_allgather(np.asarray([flag])).any())
+
+
+def _data_states(source) -> dict:
+    """Every process's data-iterator state, keyed by process index: each process reads its own
+    rows, and Orbax writes the JSON item from process 0 alone."""
+    if jax.process_count() == 1:
+        return {"0": source.get_state()}
+    mine = np.frombuffer(json.dumps(source.get_state()).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.asarray([mine.size])).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: mine.size] = mine
+    everyone = multihost_utils.process_allgather(padded)
+    return {str(i): json.loads(bytes(everyone[i, : int(n)])) for i, n in enumerate(sizes)}
 
 
 def _log_record(window, steps, start, step, cfg, mfu_per_token_per_s) -> dict:

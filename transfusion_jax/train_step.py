@@ -21,7 +21,7 @@ from transfusion_jax import sharding as shd
 from transfusion_jax.batch import Batch
 from transfusion_jax.config import resolve_model
 from transfusion_jax.diffusion import Diffusion
-from transfusion_jax.loss import transfusion_loss
+from transfusion_jax.loss import batch_counts, transfusion_loss
 from transfusion_jax.model import Transfusion
 from transfusion_jax.optimizer import learning_rate_schedule, make_optimizer
 
@@ -110,13 +110,14 @@ class TrainProgram:
     def model(self, params) -> Transfusion:
         return nnx.merge(self.graphdef, params)
 
-    def loss(self, params, batch: Batch, rng):
+    def loss(self, params, batch: Batch, rng, counts=None):
         return transfusion_loss(
-            self.model(params), batch, rng, self.diffusion, self.cfg.diffusion.loss_weight
+            self.model(params), batch, rng, self.diffusion, self.cfg.diffusion.loss_weight, counts
         )
 
     def _gradients(self, params, batch: Batch, rng):
-        """Mean gradients and metrics over `train.grad_accum_steps` micro-batches."""
+        """Gradients and metrics of the whole batch, summed over `train.grad_accum_steps`
+        micro-batches whose losses are normalised by the whole batch's counts."""
         k = self.cfg.train.grad_accum_steps
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
         if k == 1:
@@ -129,8 +130,11 @@ class TrainProgram:
 
         micro = jax.tree.map(split, batch)
 
+        counts = batch_counts(batch)
+
         def micro_step(i, micro_batch):
-            (_, metrics), grads = grad_fn(params, micro_batch, jax.random.fold_in(rng, i))
+            key = jax.random.fold_in(rng, i)
+            (_, metrics), grads = grad_fn(params, micro_batch, key, counts)
             return grads, metrics
 
         def accumulate(carry, inputs):
@@ -139,9 +143,7 @@ class TrainProgram:
         first = jax.tree.map(lambda x: x[0], micro)
         zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro_step, 0, first))
         (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
-        mean = lambda x: x / k  # noqa: E731
-        metrics = {n: v if n.startswith("num_") else mean(v) for n, v in metrics.items()}
-        return jax.tree.map(mean, grads), metrics
+        return grads, metrics
 
     def train_step(self, state: TrainState, batch: Batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)

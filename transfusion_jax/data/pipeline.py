@@ -37,7 +37,9 @@ def document_stream(records, cfg, tokenizer, seed: int, process_index: int, proc
     """A grain IterDataset of documents (or Skipped markers) for this process."""
     d = cfg.data
     dataset = grain.MapDataset.source(records).seed(seed).shuffle().repeat(None)
-    dataset = dataset[process_index::process_count].random_map(ToDocument(cfg, tokenizer))
+    # random_map before the shard: each document's draws are seeded by its global index, so the
+    # processes' choices (direction, caption drop, which caption) are independent of each other.
+    dataset = dataset.random_map(ToDocument(cfg, tokenizer))[process_index::process_count]
     stream = dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=d.num_threads, prefetch_buffer_size=d.prefetch)
     )
