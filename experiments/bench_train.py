@@ -4,10 +4,11 @@
   python experiments/bench_train.py --config configs/tiny.py --grad_only
   python experiments/bench_train.py --config configs/paper.py:0.76b --seq 4096 --batch 8
 
-`--preset reference`: width 512, depth 8, 8 heads of 64, text vocab 1024, batch 8, each row one
-document of 64 text positions (BOS, 61 caption tokens, BOI, EOI) and one 16x16x8 latent in 2x2
-patches (64 positions), float32. MFU is measured against `--peak_tflops` if given, else the
-device's known bf16 peak, else (CPU) a matmul probe in the step's dtype on the same device.
+`--preset reference`: width 512, depth 8, 8 heads of 64, text vocab 1024, linear patch layers,
+batch 8, each row one document of 64 text positions (BOS, 61 caption tokens, BOI, EOI) and one
+16x16x8 latent in 2x2 patches (64 positions), float32. MFU is measured against `--peak_tflops`
+if given, else the device's known bf16 peak, else (CPU) a matmul probe in the step's dtype on the
+same device.
 The full step (forward, backward, AdamW, all devices of the mesh) is timed; `--grad_only` times
 forward + backward alone. Figures are medians over `--steps` timed steps after two warm-up steps.
 """
@@ -33,6 +34,7 @@ def reference_config():
     cfg = load_config("configs/tiny.py")
     cfg.model.update(vocab_size=1024, d_model=512, depth=8, num_heads=8, remat_policy="none")
     cfg.image.update(latent_size=16, latent_channels=8, patch_size=2, max_images=1)
+    cfg.patch.kind = "linear"  # the paper's main variant
     cfg.data.seq_len = 128
     cfg.train.batch_size = 8
     return cfg
