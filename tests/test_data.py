@@ -317,8 +317,12 @@ def test_text_mixing_keeps_the_token_ratio(tmp_path):
     assert 0.8 < text / image < 1.25, (text, image)
 
 
-def test_text_and_cached_sources_train_through_the_trainer(tmp_path):
+def test_text_cached_and_tfds_sources_train_through_the_trainer(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
     from transfusion_jax.data.cache import write_cache
+
+    monkeypatch.setattr(tfds, "data_source", lambda name, split, data_dir: FakeTfdsSource(6))
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": f"line {i} " * 5}) for i in range(30)))
@@ -327,6 +331,7 @@ def test_text_and_cached_sources_train_through_the_trainer(tmp_path):
     for name, path, data in [
         ("text", tmp_path / "folder", {"text_path": str(corpus)}),
         ("cached", tmp_path / "c.array_record", {}),
+        ("tfds", tmp_path / "unused", {"tfds_name": "coco_captions"}),
     ]:
         cfg = folder_config(path, source=name, **data)
         cfg.model.update(d_model=64, depth=2)
