@@ -31,12 +31,16 @@ def read_metrics(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def final_params(workdir, cfg):
+def final_state(workdir, cfg):
     program = TrainProgram(cfg, make_mesh(1, 1, 1, jax.devices()[:1]))
     checkpoints = Checkpointer(workdir / "checkpoints", keep=3)
     state, _ = checkpoints.restore(checkpoints.latest_step(), program.abstract_state())
     checkpoints.close()
-    return jax.tree.map(np.asarray, state.params)
+    return state, program
+
+
+def final_params(workdir, cfg):
+    return jax.tree.map(np.asarray, final_state(workdir, cfg)[0].params)
 
 
 def test_weights_are_sharded_over_fsdp_and_tensor():
@@ -120,8 +124,16 @@ def test_nonfinite_loss_stops_without_poisoning_checkpoints(tmp_path, poisoned):
     train(cfg, tmp_path / "skip")
     records = read_metrics(tmp_path / "skip")
     assert records[-1]["nonfinite_steps"] == 2 and np.isfinite(records[-1]["loss"])
-    params = final_params(tmp_path / "skip", cfg)
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+    state, program = final_state(tmp_path / "skip", cfg)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+    # Adam's own counters saw 6 - 2 updates; the last logged rate is the one its schedule used.
+    counts = {
+        int(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+        if "count" in jax.tree_util.keystr(path)
+    }
+    assert counts == {4}
+    np.testing.assert_allclose(records[-1]["learning_rate"], float(program.schedule(3)), rtol=1e-6)
 
 
 def test_weight_decay_mask_spares_norms_and_biases():

@@ -168,7 +168,12 @@ class TrainProgram:
                 (state.first_nonfinite_step < 0) & ~finite, state.step, state.first_nonfinite_step
             ),
         )
-        metrics = dict(metrics, grad_norm=grad_norm, learning_rate=self.schedule(state.step))
+        # The rate Adam used: its schedule counts applied updates, not skipped steps.
+        metrics = dict(
+            metrics,
+            grad_norm=grad_norm,
+            learning_rate=self.schedule(state.step - state.nonfinite_steps),
+        )
         return new_state, metrics
 
     def compile(self, batch_shapes: Batch):
