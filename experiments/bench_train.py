@@ -105,7 +105,7 @@ def main():
     if args.grad_only:
         grad = jax.jit(lambda s, b: program._gradients(s.params, b, jax.random.key(0)))
         compiled = grad.lower(state, batch).compile()
-        step = lambda: compiled(state, batch)  # noqa: E731
+        step = lambda: compiled(state, batch)
     else:
         compiled = program.compile(batch)
         holder = [state]

@@ -79,8 +79,7 @@ def test_first_fit_packs_every_document_whole_and_never_overfills():
         assert got is doc  # whole, unchanged
         # First fit: every earlier-opened row lacked room when document i arrived.
         for earlier in rows[:r]:
-            before = [d for d in earlier if d[0][0] < 1000 + i or d[0][0] >= 2000]
-            before = [d for d in before if d[0][0] < 1000 + i]
+            before = [d for d in earlier if d[0][0] < 1000 + i]  # arrived before doc i
             used = sum(document_length(d, 4) for d in before)
             images = sum(isinstance(p, Image) for d in before for p in d)
             has_image = any(isinstance(p, Image) for p in doc)

@@ -68,7 +68,7 @@ def test_loss_is_zero_for_a_perfect_predictor(objective):
     _, metrics = transfusion_loss(perfect, batch, jax.random.key(1), d)
     assert float(metrics["diffusion_loss"]) < 1e-8 and float(metrics["num_images"]) == 3
     # ...while predicting zeros costs E[target^2] > 0: the check can fail.
-    zero = lambda b, x, tt: (jnp.zeros(b.tokens.shape + (16,)), jnp.zeros_like(x))  # noqa: E731
+    zero = lambda b, x, tt: (jnp.zeros(b.tokens.shape + (16,)), jnp.zeros_like(x))
     assert float(transfusion_loss(zero, batch, jax.random.key(1), d)[1]["diffusion_loss"]) > 0.5
 
 

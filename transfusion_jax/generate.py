@@ -130,7 +130,7 @@ class SamplingOptions:
 class GenerationResult:
     tokens: list[list[int]]  # per row: every generated text token, specials included
     images: list[list[np.ndarray]]  # per row: generated images [h, w, c] in order
-    text: list[list[int]] = None  # per row: the generated text tokens after the last image
+    text: list[list[int]]  # per row: the generated text tokens after the last image
 
 
 class Generator:
