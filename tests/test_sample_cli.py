@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import ROOT
+from transfusion_jax import sample as sample_cli
 from transfusion_jax.config import load_config
 from transfusion_jax.data import shapes
 from transfusion_jax.quickstart import evaluate
@@ -93,3 +94,52 @@ def test_quickstart_evaluation_scores_with_the_exact_scorer(trained):
     assert shapes.score_image(shapes.render(scene, 16), scene)["correct"]
     drawn = np.asarray(Image.open(samples / "000.png"))
     assert not shapes.score_image(drawn, scene)["correct"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "x", "--cfg-scale", "nan"], "--cfg-scale nan: must be finite and >= 0"),
+        (["--prompt", "x", "--num", "0"], "--num 0: must be at least 1"),
+        (["--prompt", "x", "--steps", "1"], "--steps 1: ddpm needs 2 to 1000 steps"),
+        (["--prompt", "x", "--sampler", "euler"], "--sampler euler: a model trained with"),
+        (["--prompt", "x" * 120], "--prompt: the context would need 139 positions, but the"),
+        (["--image", "nowhere.png"], "--image nowhere.png: no such file"),
+        (["--image", "x.png", "--prompt", "x"], "exactly one of --prompt"),
+        (["--prompt", "x", "--step", "-1"], "--step -1: must be a checkpoint's step number"),
+    ],
+)
+def test_sample_arguments_are_checked_before_the_model_loads(
+    trained, monkeypatch, capsys, args, message
+):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(sample_cli, "load_trained", must_not_load)
+    with pytest.raises(SystemExit) as exit_info:
+        sample_cli.main(["--workdir", str(trained), *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sample_names_a_missing_step_and_draws_from_an_empty_prompt(trained, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample_cli.main(["--workdir", str(trained), "--prompt", "x", "--step", "99"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: --step 99: " in err and "holds steps [6]" in err
+    out = tmp_path / "empty"
+    args = [
+        "--workdir",
+        str(trained),
+        "--prompt",
+        "",
+        "--num",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    ]
+    sample_cli.main(args)  # an empty prompt is the unconditional branch, not "no prompt"
+    assert (out / "000.png").is_file()

@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.ema_decay = 0.0  # 0 = no EMA copy of the weights; e.g. 0.9999 keeps one.
     c.train.nan_policy = "stop"  # A non-finite loss is never applied; "stop" ends the run, "skip"
     # goes on (the step is skipped and counted in nonfinite_steps).
+    # "skip" still gives up (exit status 1) after this many non-finite steps in a row: a model
+    # whose every step explodes is not training, and its checkpoints would rotate out good ones.
+    c.train.max_nonfinite_streak = 10
     c.train.tensorboard = False  # Also write TensorBoard event files (needs tensorboardX).
     c.train.peak_tflops = 0.0  # Per-device peak for MFU; 0 = look the device up (or no MFU).
 
@@ -111,6 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.image_size = 256  # Images are resized (short side) and centre-cropped to this.
     c.data.latents = "pixels"  # What the model sees of an image (pixels until a VAE is set).
     c.data.max_caption_tokens = 128
+    # Images with more pixels are skipped before decoding (a small PNG can decode to gigabytes).
+    c.data.max_image_pixels = 64_000_000
     c.data.caption_first_prob = 0.8  # Caption-first (text->image) vs image-first (captioning).
     c.data.pack_window = 256  # Documents first-fit packed together (the resumable unit).
     c.data.num_threads = 4  # Threads decoding documents.
@@ -182,6 +187,11 @@ def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             t.batch_size % t.grad_accum_steps == 0,
             "train.batch_size",
             f"{t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}",
+        )
+        _check(
+            t.max_nonfinite_streak >= 1,
+            "train.max_nonfinite_streak",
+            f"{t.max_nonfinite_streak} must be at least 1",
         )
         _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"{t.ema_decay} must be in [0, 1)")
     return cfg

@@ -10,6 +10,7 @@ progress of the denoising steps.
 
 import argparse
 import dataclasses
+import json
 import math
 import pathlib
 import sys
@@ -24,6 +25,8 @@ from transfusion_jax.data.images import load_image, to_uint8
 from transfusion_jax.data.tokenizer import make_tokenizer
 from transfusion_jax.diffusion import Diffusion
 from transfusion_jax.generate import Generator, SamplingOptions
+from transfusion_jax.samplers import METHODS
+from transfusion_jax.workdir import RunError
 
 
 def image_grid(images: list[np.ndarray], min_cell: int = 128, border: int = 2) -> np.ndarray:
@@ -78,25 +81,90 @@ def caption_images(generator, tokenizer, images: np.ndarray, options, seed: int)
     return [tokenizer.decode(row).strip() for row in result.text]
 
 
+SAMPLERS_FOR = {"epsilon": ("ddpm", "ddim"), "flow": ("euler", "heun")}
+
+
+def check_arguments(args, parser) -> None:
+    """Refuses arguments that cannot work before the model is loaded, naming the flag: they
+    need only DIR/config.json and the tokenizer."""
+    if (args.prompt is None) == (args.image is None):
+        parser.error("give exactly one of --prompt (text -> image) or --image (captioning)")
+    for flag, value in (("--num", args.num), ("--steps", args.steps)):
+        if value < 1:
+            parser.error(f"{flag} {value}: must be at least 1")
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if not math.isfinite(args.cfg_scale) or args.cfg_scale < 0:
+        parser.error(f"--cfg-scale {args.cfg_scale}: must be finite and >= 0 (1 = no guidance)")
+    if args.step is not None and args.step < 0:
+        parser.error(f"--step {args.step}: must be a checkpoint's step number")
+    config_file = pathlib.Path(args.workdir) / "config.json"
+    if not config_file.is_file():
+        parser.error(f"--workdir {args.workdir}: no config.json (is it a training run?)")
+    cfg = json.loads(config_file.read_text())
+    objective = cfg["diffusion"]["objective"]
+    valid = SAMPLERS_FOR[objective]
+    args.sampler = args.sampler or valid[0 if objective == "epsilon" else 1]
+    if args.sampler not in valid:
+        parser.error(
+            f"--sampler {args.sampler}: a model trained with diffusion.objective={objective!r} "
+            f"samples with {' or '.join(valid)}"
+        )
+    if (
+        args.sampler in ("ddpm", "ddim")
+        and not 2 <= args.steps <= cfg["diffusion"]["num_timesteps"]
+    ):
+        parser.error(
+            f"--steps {args.steps}: {args.sampler} needs 2 to "
+            f"{cfg['diffusion']['num_timesteps']} steps (diffusion.num_timesteps)"
+        )
+    image_positions = (cfg["image"]["latent_size"] // cfg["image"]["patch_size"]) ** 2 + 2
+    seq_len = cfg["data"]["seq_len"]
+    if args.image is not None:
+        if not pathlib.Path(args.image).is_file():
+            parser.error(f"--image {args.image}: no such file")
+        needed, what = 2 + image_positions + args.max_new_tokens, "--max-new-tokens"
+    else:
+        tokens = make_tokenizer(cfg["data"]["tokenizer"]).encode(args.prompt)
+        needed, what = 1 + len(tokens) + image_positions, "--prompt"
+    if needed > seq_len:
+        parser.error(
+            f"{what}: the context would need {needed} positions, but the model was trained on "
+            f"rows of {seq_len} (data.seq_len); shorten it"
+        )
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--workdir", required=True, help="a training run's directory")
-    parser.add_argument("--prompt", help="text -> image: the caption to draw")
+    parser.add_argument("--prompt", help="text -> image: the caption to draw (may be empty)")
     parser.add_argument("--image", help="image -> text: a picture to caption")
     parser.add_argument("--num", type=int, default=8, help="images to draw for --prompt")
     parser.add_argument("--out", default=None, help="where to write images (default DIR/samples)")
     parser.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance")
     parser.add_argument("--steps", type=int, default=250, help="denoising steps")
-    parser.add_argument("--sampler", default=None, help="ddpm/ddim (epsilon), euler/heun (flow)")
+    parser.add_argument(
+        "--sampler",
+        default=None,
+        choices=METHODS,
+        help="ddpm/ddim (epsilon models), euler/heun (flow models); default ddpm or heun",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--ema", action="store_true", help="use the EMA weights")
+    parser.add_argument(
+        "--step", type=int, default=None, help="the checkpoint to load (default: the newest)"
+    )
     args = parser.parse_args(argv)
-    if bool(args.prompt) == bool(args.image):
-        parser.error("give exactly one of --prompt (text -> image) or --image (captioning)")
+    check_arguments(args, parser)
 
-    model, cfg, step = load_trained(args.workdir, use_ema=args.ema)
-    sampler = args.sampler or ("ddpm" if cfg.diffusion.objective == "epsilon" else "heun")
+    try:
+        model, cfg, step = load_trained(args.workdir, use_ema=args.ema, step=args.step)
+    except (FileNotFoundError, ValueError, RunError) as e:
+        parser.exit(2, f"error: {e}\n")
+    sampler = args.sampler
     options = SamplingOptions(
         max_new_tokens=args.max_new_tokens,
         max_images=1,
@@ -106,7 +174,7 @@ def main(argv=None):
         clip_x0=pixel_clip(cfg, sampler),
     )
     print(f"loaded {args.workdir} at step {step}", file=sys.stderr)
-    if args.image:
+    if args.image is not None:
         generator, tokenizer = make_generator(model, cfg)
         image = load_image(args.image, cfg.data.image_size)[None]
         options = dataclasses.replace(options, max_images=0)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
@@ -30,9 +31,19 @@ from transfusion_jax.data import make_source
 from transfusion_jax.flops import device_peak_tflops, model_flops_per_token
 from transfusion_jax.model import parameter_counts
 from transfusion_jax.train_step import TrainProgram
+from transfusion_jax.workdir import (
+    ConfigChangedError,
+    ConfigChanges,
+    RunError,
+    WorkdirLock,
+    config_as_json,
+    config_changes,
+    trim_metrics,
+    write_config,
+)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError):
     pass
 
 
@@ -68,8 +79,15 @@ class MetricsWriter:
             self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise RunError(
+                f"cannot append step {record['step']} to {self.path} ({e.strerror or e}). Fix the "
+                f"cause (e.g. free disk space), then run the same command again: it resumes from "
+                f"the last checkpoint and cuts the file back to it."
+            ) from e
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float):
@@ -109,10 +127,14 @@ def _print_compiled(compiled, flops_per_token, tokens_per_step):
     )
 
 
-def train(cfg, workdir, devices=None, stop_at_step: int | None = None) -> dict:
+def train(
+    cfg, workdir, devices=None, stop_at_step: int | None = None, allow_config_change=False
+) -> dict:
     """Runs (or resumes) training; returns the last logged metrics.
 
     stop_at_step ends the run early after that step with a checkpoint, as a preemption would.
+    A resume with a config that changes what is trained (model, data, optimizer, batch) is
+    refused unless `allow_config_change`.
     """
     cfg = resolve_model(cfg)
     t = cfg.train
@@ -123,9 +145,47 @@ def train(cfg, workdir, devices=None, stop_at_step: int | None = None) -> dict:
         )
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
+    lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
+    checkpoints = None
+    try:
+        checkpoints = Checkpointer(workdir / "checkpoints", t.keep_checkpoints)
+        changes = _check_resume_config(cfg, workdir, checkpoints, allow_config_change)
+        return _train(cfg, workdir, checkpoints, changes, devices, stop_at_step)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
+        if lock is not None:
+            lock.release()
 
+
+def _check_resume_config(cfg, workdir, checkpoints, allow_change: bool) -> ConfigChanges | None:
+    """The changes from the config the checkpoints were trained with (None for a new run);
+    raises ConfigChangedError for changes that would mix two runs, unless allowed."""
+    saved_file = workdir / "config.json"
+    if checkpoints.latest_step() is None or not saved_file.is_file():
+        return None
+    changes = config_changes(json.loads(saved_file.read_text()), config_as_json(cfg))
+    if changes.refused and not allow_change:
+        raise ConfigChangedError(
+            f"--workdir {workdir} holds a run trained with another config: "
+            f"{changes.describe('refused')}. Drop those overrides to resume it, give a new "
+            f"--workdir for a new run, or pass --allow_config_change to resume with them."
+        )
+    if changes.refused:
+        log(f"warning: resuming with a changed config: {changes.describe('refused')}")
+    if changes.allowed:
+        log(f"resuming with {changes.describe('allowed')}")
+    if "train.num_steps" in changes.allowed and cfg.optimizer.decay_steps == 0:
+        before = changes.allowed["train.num_steps"][0]
+        log(
+            f"warning: the cosine schedule decays over train.num_steps, so changing it reshapes "
+            f"the learning rate from here on (--config.optimizer.decay_steps={before} keeps it)"
+        )
+    return changes
+
+
+def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step) -> dict:
+    t = cfg.train
     # -- mesh and shapes ---------------------------------------------------------------------
     mesh = shd.mesh_from_config(cfg, devices)
     data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -145,15 +205,29 @@ def train(cfg, workdir, devices=None, stop_at_step: int | None = None) -> dict:
     source = make_source(cfg, local_batch, jax.process_index(), jax.process_count())
 
     # -- state: fresh or restored --------------------------------------------------------------
-    checkpoints = Checkpointer(workdir / "checkpoints", t.keep_checkpoints)
-    latest = checkpoints.latest_step()
-    if latest is None:
-        state = program.init_state(t.seed)
+    restored = checkpoints.restore_latest(program.abstract_state())
+    if restored is None:
+        state, resumed_step = program.init_state(t.seed), None
         log("initialised a new model")
     else:
-        state, data_state = checkpoints.restore(latest, program.abstract_state())
-        source.set_state(data_state[str(jax.process_index())])
-        log(f"resumed from the checkpoint of step {latest}")
+        resumed_step, state, data_state, damaged = restored
+        for step in damaged:
+            if jax.process_index() == 0:
+                where = checkpoints.set_aside(step, workdir / "damaged_checkpoints")
+                log(f"warning: the checkpoint of step {step} is damaged; moved to {where}")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("damaged checkpoints set aside")
+            checkpoints.manager.reload()
+        if changes is not None and changes.data_changed:
+            log("warning: the data config changed, so the data stream starts afresh")
+        else:
+            source.set_state(data_state[str(jax.process_index())])
+        log(f"resumed from the checkpoint of step {resumed_step}")
+    if jax.process_index() == 0:  # only now: a refused or failed resume leaves them untouched
+        dropped = trim_metrics(workdir / "metrics.jsonl", resumed_step or 0)
+        if dropped:
+            log(f"metrics.jsonl: dropped {dropped} lines past step {resumed_step or 0}")
+        write_config(workdir, cfg, resumed_step)
 
     # -- compile ahead of time ------------------------------------------------------------------
     first_batch = shd.global_batch(next(source), mesh)  # global shapes, also with N processes
@@ -178,6 +252,7 @@ def train(cfg, workdir, devices=None, stop_at_step: int | None = None) -> dict:
             step += 1
             window = metrics if window is None else jax.tree.map(jnp.add, window, metrics)
             window_steps += 1
+            checkpoints.check_saved()  # a failed save stops the run as soon as it has ended
 
             stopping = bool(preemption.raised) or step == stop_at_step
             if jax.process_count() > 1:  # all processes must stop at the same step: decide
@@ -185,24 +260,26 @@ def train(cfg, workdir, devices=None, stop_at_step: int | None = None) -> dict:
             if step % t.log_every == 0 or step == t.num_steps or stopping:
                 record = _log_record(window, window_steps, window_start, step, cfg, mfu_scale)
                 record["nonfinite_steps"] = int(state.nonfinite_steps)
-                record["skipped_examples"] = source.skipped_examples
+                record["skipped_examples"] = source.skipped_examples  # distinct records
+                record["skipped_draws"] = getattr(source, "skipped_draws", 0)
                 if writer is not None:
                     writer.write(record)
                 log(_progress_line(record, t.num_steps))
-                _check_finite(state, t.nan_policy)
+                _check_finite(state, t)
                 last_logged, window, window_steps = record, None, 0
                 window_start = time.perf_counter()
             if step % t.checkpoint_every == 0 or step == t.num_steps or stopping:
-                _check_finite(state, t.nan_policy)
+                _check_finite(state, t)
                 checkpoints.save(step, state, _data_states(source))
             if stopping:
+                checkpoints.check_saved(wait=True)
                 why = preemption.raised or (
                     f"stop_at_step={stop_at_step}" if step == stop_at_step else "another process"
                 )
                 log(f"stopping at step {step} ({why}); checkpoint saved")
                 break
+        checkpoints.check_saved(wait=True)
     finally:
-        checkpoints.close()
         preemption.restore()
     return last_logged
 
@@ -257,13 +334,21 @@ def _progress_line(r: dict, num_steps: int) -> str:
     return line
 
 
-def _check_finite(state, policy: str) -> None:
-    if policy == "stop" and int(state.nonfinite_steps) > 0:
+def _check_finite(state, t) -> None:
+    if t.nan_policy == "stop" and int(state.nonfinite_steps) > 0:
         first = int(state.first_nonfinite_step)
         raise NonFiniteLossError(
             f"step {first + 1}: the loss or gradient is not finite. That update was not applied, "
             f"so the weights (and any checkpoint) are still clean. Lower optimizer.peak_lr, check "
             f"the data, or set --config.train.nan_policy=skip to skip such steps."
+        )
+    longest = int(state.longest_nonfinite_streak)
+    if longest >= t.max_nonfinite_streak:
+        raise NonFiniteLossError(
+            f"{longest} steps in a row had a non-finite loss or gradient "
+            f"({int(state.nonfinite_steps)} of {int(state.step)} in all; none was applied, so the "
+            f"checkpoints are clean). The run is not training: lower optimizer.peak_lr or check "
+            f"the data, then resume (train.max_nonfinite_streak sets this limit)."
         )
 
 
@@ -271,11 +356,31 @@ def _check_finite(state, policy: str) -> None:
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, metrics and checkpoints.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Resume a run even though the model, data, optimizer or batch config changed.",
+)
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Errors that say what to fix in one line: ours, and checks that name a config field or
+    a flag. Set TRANSFUSION_DEBUG=1 to see their tracebacks too."""
+    if os.environ.get("TRANSFUSION_DEBUG"):
+        return False
+    if isinstance(error, RunError):
+        return True
+    message = str(error)
+    return isinstance(error, ValueError | FileNotFoundError | KeyError) and (
+        message.startswith(("config field", "--", "'config field"))
+    )
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs ~60 INFO lines a save; -v 0 shows them
+        absl_logging.set_verbosity(absl_logging.WARNING)
     if launched_as_several_processes():
         env = os.environ  # explicit launch: JAX_COORDINATOR_ADDRESS + these two; else detected
         if env.get("JAX_NUM_PROCESSES"):
@@ -285,10 +390,12 @@ def main(argv):
         else:
             jax.distributed.initialize()
     try:
-        train(_CONFIG.value, _WORKDIR.value)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        print(f"error: {str(e).strip(chr(39))}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_status", 2 if not isinstance(e, RunError) else 1))
 
 
 if __name__ == "__main__":

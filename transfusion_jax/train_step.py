@@ -5,8 +5,9 @@ of every leaf of the state, creates the state already sharded (`jax.jit(init, ou
 never whole on one device) and compiles `train_step` with in/out shardings and a donated state.
 
 A step whose loss or gradient norm is not finite is never applied: the state keeps its weights and
-optimizer moments, counts the step in `nonfinite_steps`, and remembers the first such step, so a
-checkpoint can never hold poisoned weights. The loop decides whether to stop (`train.nan_policy`).
+optimizer moments, counts the step in `nonfinite_steps`, remembers the first such step and the
+longest run of them in a row, so a checkpoint can never hold poisoned weights. The loop decides
+whether to stop (`train.nan_policy`, `train.max_nonfinite_streak`).
 """
 
 import dataclasses
@@ -35,6 +36,8 @@ class TrainState:
     rng: jax.Array  # uint32 key data; the step's key is fold_in(rng, step)
     nonfinite_steps: jax.Array  # int32 []: steps skipped for a non-finite loss or gradient
     first_nonfinite_step: jax.Array  # int32 []: -1 while there has been none
+    nonfinite_streak: jax.Array  # int32 []: non-finite steps in a row, up to this one
+    longest_nonfinite_streak: jax.Array  # int32 []: the longest such run so far
 
 
 @dataclasses.dataclass
@@ -69,6 +72,8 @@ class TrainProgram:
             rng=jax.random.key_data(jax.random.fold_in(key, 1)),
             nonfinite_steps=jnp.zeros((), jnp.int32),
             first_nonfinite_step=jnp.full((), -1, jnp.int32),
+            nonfinite_streak=jnp.zeros((), jnp.int32),
+            longest_nonfinite_streak=jnp.zeros((), jnp.int32),
         )
 
     def _state_shardings(self, abstract_params) -> TrainState:
@@ -90,6 +95,8 @@ class TrainProgram:
             rng=rep,
             nonfinite_steps=rep,
             first_nonfinite_step=rep,
+            nonfinite_streak=rep,
+            longest_nonfinite_streak=rep,
         )
 
     def abstract_state(self) -> TrainState:
@@ -158,6 +165,7 @@ class TrainProgram:
 
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        streak = jnp.where(finite, 0, state.nonfinite_streak + 1)
         new_state = state.replace(
             step=state.step + 1,
             params=keep(params, state.params),
@@ -167,6 +175,8 @@ class TrainProgram:
             first_nonfinite_step=jnp.where(
                 (state.first_nonfinite_step < 0) & ~finite, state.step, state.first_nonfinite_step
             ),
+            nonfinite_streak=streak,
+            longest_nonfinite_streak=jnp.maximum(state.longest_nonfinite_streak, streak),
         )
         # The rate Adam used: its schedule counts applied updates, not skipped steps.
         metrics = dict(

@@ -45,6 +45,7 @@ def write_cache(records, image_size: int, latents: str, path) -> tuple[int, int]
         record = records[i]
         pixels = decode_image(record, image_size)
         if isinstance(pixels, Skipped):
+            log.warning("%s", pixels)
             skipped += 1
             continue
         writer.write(encode_record(to_latent(pixels, latents), record["text"]))

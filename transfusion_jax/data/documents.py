@@ -4,25 +4,27 @@ Image-caption records become caption-first documents (`BOS caption BOI image EOI
 image) with probability `data.caption_first_prob` (the paper: 0.8), the caption dropped at
 `diffusion.cond_drop_rate` for classifier-free guidance; otherwise image-first documents
 (`BOS BOI image EOI caption EOS`, captioning) with the noise-limiting flag set. Text records become
-`BOS text EOS`. A record that cannot be used becomes `Skipped(reason)`, so the packer can count it
-(grain drops None elements silently).
+`BOS text EOS`. A record that cannot be used becomes `Skipped(origin, reason)`, so the packer can
+count it and warn about it once (grain drops None elements silently; this transform runs in
+threads or worker processes, where a warning would repeat on every draw).
 """
 
 import dataclasses
-import logging
 
 import numpy as np
 from PIL import Image as PILImage
 
 from transfusion_jax.batch import caption_first_document, image_first_document
-from transfusion_jax.data.images import array_to_image, load_image, to_latent
-
-log = logging.getLogger(__name__)
+from transfusion_jax.data.images import DEFAULT_MAX_PIXELS, array_to_image, load_image, to_latent
 
 
 @dataclasses.dataclass(frozen=True)
 class Skipped:
+    origin: str  # the record's name (file, line, dataset index): bad records are counted once
     reason: str
+
+    def __str__(self) -> str:
+        return f"{self.origin}: {self.reason}, skipped"
 
 
 class ToDocument:
@@ -32,6 +34,7 @@ class ToDocument:
         d = cfg.data
         self.tokenizer, self.special = tokenizer, tokenizer.special
         self.image_size, self.latents = d.image_size, d.latents
+        self.max_image_pixels = d.max_image_pixels
         self.max_caption_tokens = d.max_caption_tokens
         self.caption_first_prob = d.caption_first_prob
         self.cond_drop_rate = cfg.diffusion.cond_drop_rate
@@ -49,7 +52,7 @@ class ToDocument:
         if "latent" in record:  # from a latent cache (data/cache.py)
             latent = record["latent"]
         else:
-            pixels = decode_image(record, self.image_size)
+            pixels = decode_image(record, self.image_size, self.max_image_pixels)
             if isinstance(pixels, Skipped):
                 return pixels
             latent = to_latent(pixels, self.latents)
@@ -60,19 +63,18 @@ class ToDocument:
 
 
 def _skip(record: dict, reason: str) -> Skipped:
-    message = f"{record.get('origin', '?')}: {reason}, skipped"
-    log.warning(message)
-    return Skipped(message)
+    return Skipped(str(record.get("origin", "?")), reason)
 
 
-def decode_image(record: dict, image_size: int):
-    """The record's image as float32 [size, size, 3] in [-1, 1], or Skipped if it cannot be read."""
+def decode_image(record: dict, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """The record's image as float32 [size, size, 3] in [-1, 1], or Skipped if it cannot be read
+    (or has more than `max_pixels` pixels)."""
     image = record["image"]
     try:
         if isinstance(image, np.ndarray) and image.dtype == np.uint8:
             if image.shape == (image_size, image_size, 3):
                 return array_to_image(image)
             image = PILImage.fromarray(image)
-        return load_image(image, image_size)
+        return load_image(image, image_size, max_pixels)
     except Exception as e:  # noqa: BLE001 - any decoder error means: skip this image
         return _skip(record, f"cannot decode the image ({type(e).__name__}: {e})")

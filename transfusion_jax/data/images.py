@@ -13,6 +13,8 @@ from PIL import Image, ImageFile
 # A truncated file must fail loudly (and be skipped by the caller), not decode half grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+DEFAULT_MAX_PIXELS = 64_000_000  # data.max_image_pixels
+
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB, with any transparency composited on white and greyscale/palette expanded."""
@@ -33,11 +35,16 @@ def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def load_image(source, size: int) -> np.ndarray:
-    """A path, bytes or PIL image -> float32 [size, size, 3] in [-1, 1]. Raises on bad data."""
+def load_image(source, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A path, bytes or PIL image -> float32 [size, size, 3] in [-1, 1]. Raises on bad data, and
+    on images over `max_pixels` pixels before decoding them (opening reads only the header: a
+    684 KB PNG can hold 13000 x 13000 pixels, 8 GB once decoded)."""
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     image = source if isinstance(source, Image.Image) else Image.open(source)
+    w, h = image.size
+    if w * h > max_pixels:
+        raise ValueError(f"{w} x {h} = {w * h} pixels is over data.max_image_pixels={max_pixels}")
     image.load()  # decode now, so a truncated file raises here
     pixels = np.asarray(resize_and_crop(to_rgb(image), size), np.float32)
     return pixels / 127.5 - 1.0

@@ -10,9 +10,12 @@ makes resumption exact without storing any buffered document.
 """
 
 import dataclasses
+import logging
 
 from transfusion_jax.batch import Image, build_batch, document_length
 from transfusion_jax.data.documents import Skipped
+
+log = logging.getLogger(__name__)
 
 
 def num_images(document) -> int:
@@ -63,8 +66,9 @@ class PackedBatches:
     """Numpy `Batch`es of `batch_size` rows from a stream of documents (or `Skipped` markers).
 
     `documents` is an iterator with `get_state()` / `set_state()` (a grain dataset iterator).
-    `skipped_examples` counts records skipped so far (including `initial_skipped`, e.g. bad
-    metadata rows found when the source was opened).
+    `skipped_examples` counts the distinct records skipped so far (including `initial_skipped`,
+    e.g. bad metadata rows found when the source was opened), each warned about once;
+    `skipped_draws` counts every time one was drawn (a bad record comes back every epoch).
     """
 
     def __init__(
@@ -84,18 +88,33 @@ class PackedBatches:
         self.special, self.window = special, window
         h, w, _ = latent_shape
         self.num_patches = (h // patch_size) * (w // patch_size)
-        self.skipped_examples = initial_skipped
+        self.initial_skipped = initial_skipped
+        self._skipped, self.skipped_draws = set(), 0  # origins of skipped records; draws
         self._rows, self._emitted = [], 0
-        self._window_state, self._skipped_before_window = documents.get_state(), initial_skipped
+        self._window_state = documents.get_state()
+        self._skipped_before_window = self._skipped_state()
+
+    @property
+    def skipped_examples(self) -> int:
+        return self.initial_skipped + len(self._skipped)
+
+    def _skipped_state(self) -> dict:
+        return {"origins": sorted(self._skipped), "draws": self.skipped_draws}
+
+    def _skip(self, skipped: Skipped) -> None:
+        self.skipped_draws += 1
+        if skipped.origin not in self._skipped:
+            self._skipped.add(skipped.origin)
+            log.warning("%s", skipped)
 
     def _next_window(self) -> None:
         self._window_state = self.documents.get_state()
-        self._skipped_before_window = self.skipped_examples
+        self._skipped_before_window = self._skipped_state()
         window = []
         while len(window) < self.window:
             document = next(self.documents)
             if isinstance(document, Skipped):
-                self.skipped_examples += 1
+                self._skip(document)
             else:
                 window.append(document)
         self._rows = first_fit(window, self.seq_len, self.max_images, self.num_patches)
@@ -125,7 +144,8 @@ class PackedBatches:
 
     def set_state(self, state: dict) -> None:
         self.documents.set_state(state["documents"])
-        self.skipped_examples = state["skipped_before_window"]
+        skipped = state["skipped_before_window"]
+        self._skipped, self.skipped_draws = set(skipped["origins"]), skipped["draws"]
         self._rows, self._emitted = [], 0
         if state["rows_emitted"]:
             self._next_window()

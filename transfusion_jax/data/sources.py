@@ -8,7 +8,9 @@ decoded later, in the document transform, so a bad image costs a skip, not a cra
 
 import json
 import logging
+import os
 import pathlib
+import stat
 
 from transfusion_jax.data.shapes import ShapesDataset
 
@@ -18,8 +20,9 @@ log = logging.getLogger(__name__)
 class ImageFolderSource:
     """A Hugging Face ImageFolder directory: `metadata.jsonl` rows `{"file_name", "text"}`.
 
-    Bad rows (invalid JSON, missing fields, an empty caption, a file that does not exist) are
-    skipped with a warning naming the line, and counted in `skipped`.
+    Bad rows (invalid UTF-8 or JSON, missing fields, an empty caption, a file that does not exist
+    or is not a regular file, a `file_name` that leaves the directory: absolute or through "..")
+    are skipped with a warning naming the line, and counted in `skipped`.
     """
 
     def __init__(self, path):
@@ -31,10 +34,8 @@ class ImageFolderSource:
                 f'needs metadata.jsonl with rows {{"file_name": ..., "text": ...}})'
             )
         self.records, self.skipped = [], 0
-        with metadata.open(encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if line.strip():
-                    self._add(line, f"{metadata}:{line_number}")
+        for line, where in _utf8_lines(metadata, self._skip):
+            self._add(line, where)
         if not self.records:
             raise ValueError(
                 f"config field data.path: {self.root} has no valid example "
@@ -53,9 +54,13 @@ class ImageFolderSource:
             return self._skip(f'{where}: no "file_name", skipped')
         if not isinstance(text, str) or not text.strip():
             return self._skip(f'{where}: empty or missing "text" caption, skipped')
-        image = self.root / file_name
-        if not image.is_file():
-            return self._skip(f"{where}: image {image} does not exist, skipped")
+        relative = os.path.normpath(file_name)
+        if os.path.isabs(relative) or relative.split(os.sep)[0] == "..":
+            return self._skip(f"{where}: file_name {file_name!r} is outside {self.root}, skipped")
+        image = self.root / relative
+        problem = _not_a_regular_file(image)
+        if problem:
+            return self._skip(f"{where}: image {image} {problem}, skipped")
         self.records.append((str(image), text.strip()))
 
     def _skip(self, message: str) -> None:
@@ -123,7 +128,11 @@ def _field(example, key: str, name: str):
 
 class TextSource:
     """Text corpora: `.txt` files (one document per blank-line-separated paragraph) or `.jsonl`
-    files (one document per line, in its "text" field); a directory reads all of them."""
+    files (one document per line, in its "text" field); a directory reads all of them.
+
+    Text must be UTF-8: a paragraph or line that is not is skipped and counted in `skipped` (one
+    warning per file), and a file holding NUL bytes is skipped whole as binary.
+    """
 
     def __init__(self, path):
         root = pathlib.Path(path)
@@ -133,27 +142,45 @@ class TextSource:
         self.documents, self.skipped = [], 0
         for file in files:
             if file.suffix == ".txt":
-                text = file.read_text(encoding="utf-8", errors="replace")
-                for i, paragraph in enumerate(text.split("\n\n")):
-                    if paragraph.strip():
-                        self.documents.append((paragraph.strip(), f"{file} paragraph {i}"))
+                self._read_txt(file)
             elif file.suffix == ".jsonl":
                 self._read_jsonl(file)
         if not self.documents:
             raise ValueError(f"config field data.text_path: no text document in {root}")
 
+    def _read_txt(self, file: pathlib.Path) -> None:
+        data = file.read_bytes()
+        if b"\0" in data:
+            log.warning("%s: a binary file (it holds NUL bytes), skipped", file)
+            self.skipped += 1
+            return
+        not_utf8 = 0
+        for i, paragraph in enumerate(data.split(b"\n\n")):
+            try:
+                text = paragraph.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                not_utf8 += 1
+                continue
+            if text:
+                self.documents.append((text, f"{file} paragraph {i}"))
+        if not_utf8:
+            log.warning("%s: %d paragraphs are not valid UTF-8, skipped", file, not_utf8)
+            self.skipped += not_utf8
+
     def _read_jsonl(self, file: pathlib.Path) -> None:
-        with file.open(encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                try:
-                    text = json.loads(line).get("text") if line.strip() else None
-                except (json.JSONDecodeError, AttributeError):
-                    text = None
-                if isinstance(text, str) and text.strip():
-                    self.documents.append((text.strip(), f"{file}:{line_number}"))
-                elif line.strip():
-                    log.warning('%s:%d: no "text" field, skipped', file, line_number)
-                    self.skipped += 1
+        for line, where in _utf8_lines(file, self._skip):
+            try:
+                text = json.loads(line).get("text")
+            except (json.JSONDecodeError, AttributeError):
+                text = None
+            if isinstance(text, str) and text.strip():
+                self.documents.append((text.strip(), where))
+            else:
+                self._skip(f'{where}: no "text" field, skipped')
+
+    def _skip(self, message: str) -> None:
+        log.warning(message)
+        self.skipped += 1
 
     def __len__(self) -> int:
         return len(self.documents)
@@ -161,6 +188,41 @@ class TextSource:
     def __getitem__(self, index: int) -> dict:
         text, origin = self.documents[index]
         return {"text": text, "origin": origin}
+
+
+def _utf8_lines(path: pathlib.Path, skip):
+    """(line, "path:N") for the non-blank lines of a file; a line that is not valid UTF-8 is
+    passed to `skip` with its position instead of failing the whole file."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                skip(f"{path}:{number}: not valid UTF-8 (byte {e.start + 1}), skipped")
+                continue
+            if line.strip():
+                yield line, f"{path}:{number}"
+
+
+def _not_a_regular_file(path: pathlib.Path) -> str | None:
+    """Why `path` cannot be read as an image file, or None if it can (symlinks are followed)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "does not exist" if not path.is_symlink() else "is a broken symlink"
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a pipe"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    kind = next((name for test, name in kinds if test(mode)), "something else")
+    return f"is {kind}, not a regular file"
 
 
 class ShapesSource:

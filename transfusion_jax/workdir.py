@@ -1,0 +1,186 @@
+"""What a run directory promises: one trainer at a time, one config per run, clean records.
+
+- `WorkdirLock`: an exclusive `fcntl.flock` on DIR/lock, held for the whole run. The kernel
+  drops it when its process ends, even by kill -9, so a crash never leaves a stale lock; the
+  file names the holder (host, pid, start time) for the message that refuses a second trainer.
+  flock works on local disks and on NFS v4 / Filestore; FUSE bucket mounts (gcsfuse) ignore it,
+  so on those the user keeps one trainer per directory.
+- `config_changes`: what differs between the config a run's checkpoints were trained with and
+  the one it is resumed with, split into changes that leave the run the same run (steps, logging,
+  mesh, memory/speed choices) and changes that would silently mix two runs (model, data,
+  optimizer, batch).
+- `trim_metrics`: metrics.jsonl cut back to its complete records at or below the restored step,
+  so the steps a crash makes the run replay are not logged twice and a torn last line (a full
+  disk) is not appended onto.
+"""
+
+import dataclasses
+import datetime
+import fcntl
+import json
+import os
+import pathlib
+import socket
+
+
+class RunError(RuntimeError):
+    """A failure the user can act on: the CLI prints its one-line message, with no traceback,
+    and exits with `exit_status` (2: refused before anything ran, 1: the run failed)."""
+
+    exit_status = 1
+
+
+class WorkdirLockedError(RunError):
+    exit_status = 2
+
+
+class ConfigChangedError(RunError):
+    exit_status = 2
+
+
+class WorkdirLock:
+    """Holds DIR/lock exclusively until `release()` (or the process's end)."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.path = pathlib.Path(workdir) / "lock"
+        self._file = open(self.path, "a+")  # noqa: SIM115 - held open for the whole run
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise WorkdirLockedError(
+                f"--workdir {workdir} is in use by {holder}; wait for that run to end (or stop "
+                f"it), or give another --workdir"
+            ) from None
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()} since {started}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+
+
+# Keys a resumed run may change: how long, how often to log and save, where it runs, and how it
+# trades memory for speed. Everything else changes what is being trained.
+RESUMABLE_KEYS = (
+    "train.num_steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.tensorboard",
+    "train.peak_tflops",
+    "train.nan_policy",
+    "train.max_nonfinite_streak",
+    "mesh.",
+    "model.remat_policy",
+    "model.attention",
+    "data.num_threads",
+    "data.prefetch",
+)
+
+
+@dataclasses.dataclass
+class ConfigChanges:
+    allowed: dict  # key -> (saved, new)
+    refused: dict
+
+    def describe(self, which: str) -> str:
+        changes = getattr(self, which)
+        return ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in sorted(changes.items()))
+
+    @property
+    def data_changed(self) -> bool:
+        """The data stream is another one: its saved iterator state does not apply."""
+        return any(k.startswith("data.") or k == "train.seed" for k in self.refused)
+
+
+def config_changes(saved: dict, new: dict) -> ConfigChanges:
+    """Differences between two configs as JSON dicts (what DIR/config.json holds)."""
+    a, b = _flatten(saved), _flatten(new)
+    allowed, refused = {}, {}
+    for key in sorted(set(a) | set(b)):
+        before, after = a.get(key, "<unset>"), b.get(key, "<unset>")
+        if before != after:
+            resumable = any(_matches(key, k) for k in RESUMABLE_KEYS)
+            (allowed if resumable else refused)[key] = (before, after)
+    return ConfigChanges(allowed, refused)
+
+
+def config_as_json(cfg) -> dict:
+    """The config as DIR/config.json stores it (tuples become lists), for comparisons."""
+    return json.loads(cfg.to_json_best_effort())
+
+
+def write_config(workdir: pathlib.Path, cfg, resumed_step: int | None) -> None:
+    """Writes DIR/config.json; a different config already there is kept as
+    config.step_N.json (N = the step this run resumed from: the steps that config trained)."""
+    path = workdir / "config.json"
+    text = cfg.to_json_best_effort(indent=2) + "\n"
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError):
+            previous = None
+        if previous != json.loads(text):
+            path.replace(workdir / f"config.step_{resumed_step or 0}.json")
+    _atomic_write(path, text)
+
+
+def trim_metrics(path: pathlib.Path, last_step: int) -> int:
+    """Keeps the complete JSON records of metrics.jsonl with step <= last_step; returns how many
+    lines were dropped (replayed steps, a torn line)."""
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    kept, dropped = [], 0
+    for line in data.split(b"\n")[:-1]:  # the part after the last newline is torn
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and int(record.get("step", -1)) <= last_step
+        except (ValueError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    dropped += data.rsplit(b"\n", 1)[-1] != b""
+    if dropped:
+        _atomic_write(path, b"".join(line + b"\n" for line in kept))
+    return dropped
+
+
+def _atomic_write(path: pathlib.Path, content) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash leaves the old file or the
+    new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(content, str):
+        tmp.write_text(content)
+    else:
+        tmp.write_bytes(content)
+    tmp.replace(path)
+
+
+def _matches(key: str, pattern: str) -> bool:
+    """ "mesh." matches every key of the mesh section; other patterns match one key."""
+    return key.startswith(pattern) if pattern.endswith(".") else key == pattern
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
