@@ -2,6 +2,7 @@
 exact kill-and-resume, resume onto another mesh, non-finite losses, and the optimizer's rules."""
 
 import json
+import time
 
 import jax
 import numpy as np
@@ -203,3 +204,25 @@ def test_bfloat16_compute_with_float32_master_weights():
         losses[dtype] = float(metrics["loss"])
     assert np.isfinite(losses["bfloat16"])
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.05)
+
+
+def test_logged_throughput_matches_the_wall_clock(tmp_path, monkeypatch):
+    """tokens/s is timed on what the device finished, not on the asynchronous dispatch."""
+    from transfusion_jax import train as train_module
+
+    written = []
+    original = train_module.MetricsWriter.write
+
+    def timed_write(self, record):
+        written.append(time.perf_counter())
+        original(self, record)
+
+    monkeypatch.setattr(train_module.MetricsWriter, "write", timed_write)
+    cfg = small_config()
+    cfg.train.update(num_steps=30, log_every=1, checkpoint_every=1000)
+    train(cfg, tmp_path)
+    records = read_metrics(tmp_path)[1:]  # each later window starts when the one before logged
+    tokens = len(records) * cfg.train.batch_size * cfg.data.seq_len
+    logged_seconds = sum(tokens / len(records) / r["tokens_per_s"] for r in records)
+    wall_seconds = written[-1] - written[0]
+    assert 0.8 < logged_seconds / wall_seconds <= 1.0 + 1e-6, (logged_seconds, wall_seconds)

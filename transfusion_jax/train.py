@@ -304,8 +304,10 @@ def _data_states(source) -> dict:
 def _log_record(window, steps, start, step, cfg, mfu_per_token_per_s) -> dict:
     """The window's mean metrics and throughput; MFU when the mesh's peak FLOP/s is known
     (`mfu_per_token_per_s` = model FLOPs per token / peak FLOP/s of the mesh, else 0)."""
-    elapsed = time.perf_counter() - start
+    # The clock is read after the fetch, which waits for the device to finish the window's steps:
+    # read before, it would time only the asynchronous dispatch.
     means = {k: float(v) / steps for k, v in jax.device_get(window).items()}
+    elapsed = time.perf_counter() - start
     tokens_per_s = steps * cfg.train.batch_size * cfg.data.seq_len / elapsed
     record = {
         "step": step,
