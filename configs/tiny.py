@@ -16,8 +16,8 @@ def get_config(arg=None):
     c.model.depth = 4
     c.model.num_heads = 4
     c.model.remat_policy = "none"
-    c.image.latent_size = 32  # pixel space: latent = image
-    c.image.latent_channels = 3
+    c.image.latent_size = 0  # pixel space: the latent is the image (data.image_size, RGB)
+    c.image.latent_channels = 0
     c.image.patch_size = 4
     c.image.max_images = 2
     c.patch.kind = "unet"

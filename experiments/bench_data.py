@@ -1,7 +1,7 @@
 """Input pipeline throughput: documents/s and packed tokens/s per source.
 
-  python experiments/bench_data.py                       # shapes + the folders in ../shared/data
-  python experiments/bench_data.py --threads 2 --batches 50
+  python -m experiments.bench_data                       # shapes + the folders in ../shared/data
+  python -m experiments.bench_data --threads 2 --batches 50
 
 Uses configs/tiny.py's geometry (32x32 images, rows of 256, 8 rows a batch) unless overridden.
 Packed tokens/s counts the real (non-padding) positions of the rows produced; compare it with the

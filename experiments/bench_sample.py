@@ -1,7 +1,7 @@
 """Seconds per generated image with and without the KV cache.
 
-  python experiments/bench_sample.py                # reference preset, 250 DDPM steps
-  python experiments/bench_sample.py --steps 50 --cfg-scale 3
+  python -m experiments.bench_sample                # reference preset, 250 DDPM steps
+  python -m experiments.bench_sample --steps 50 --cfg_scale 3
 
 The reference preset of bench_train.py (width 512, depth 8, 8 heads of 64, vocab 1024, 16x16x8
 latents in 2x2 patches = 64 positions), untrained weights (speed does not depend on them), a
@@ -16,9 +16,9 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_train import reference_config, timed  # the script's directory is on sys.path
 from flax import nnx
 
+from experiments.bench_train import reference_config, timed
 from transfusion_jax import samplers
 from transfusion_jax.batch import Image, SpecialTokens, build_batch
 from transfusion_jax.config import resolve_model
@@ -36,7 +36,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     parser.add_argument("--steps", type=int, default=250)
-    parser.add_argument("--cfg-scale", type=float, default=1.0)
+    parser.add_argument("--cfg_scale", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 

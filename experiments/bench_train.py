@@ -1,8 +1,8 @@
 """Train-step throughput on synthetic batches: tokens/s, model TFLOP/s, MFU and peak memory.
 
-  python experiments/bench_train.py --preset reference          # the shared comparison point
-  python experiments/bench_train.py --config configs/tiny.py --grad_only
-  python experiments/bench_train.py --config configs/paper.py:0.76b --seq 4096 --batch 8
+  python -m experiments.bench_train --preset reference          # the shared comparison point
+  python -m experiments.bench_train --config configs/tiny.py --grad_only
+  python -m experiments.bench_train --config configs/paper.py:0.76b --seq 4096 --batch 8
 
 `--preset reference`: width 512, depth 8, 8 heads of 64, text vocab 1024, linear patch layers,
 batch 8, each row one document of 64 text positions (BOS, 61 caption tokens, BOI, EOI) and one

@@ -43,3 +43,23 @@ def test_bad_values_name_the_field():
         load_config(f"{PAPER}:3b")
     with pytest.raises(FileNotFoundError, match="nope.py"):
         load_config("configs/nope.py")
+
+
+def test_pixel_space_latents_follow_the_image_size(tmp_path):
+    import jax
+
+    from transfusion_jax.train import train
+
+    cfg = load_config(str(ROOT / "configs" / "tiny.py"))
+    cfg.data.image_size = 28  # alone: the latent follows (28 x 28 x 3, 7 x 7 patches of 4)
+    resolved = resolve_model(cfg)
+    assert (resolved.image.latent_size, resolved.image.latent_channels) == (28, 3)
+    cfg.model.update(d_model=64, depth=1)
+    cfg.train.update(num_steps=2, log_every=1, checkpoint_every=2)
+    cfg.mesh.fsdp = 1
+    record = train(cfg, tmp_path, devices=jax.devices()[:1])
+    assert record["step"] == 2 and record["diffusion_loss"] > 0
+    vae = tiny_config(image__latent_size=0)
+    vae.data.latents = "vae"
+    with pytest.raises(ValueError, match="image.latent_size: 0 .* works in pixel space only"):
+        resolve_model(vae)

@@ -266,7 +266,8 @@ def test_tfds_source_reads_nested_caption_lists(monkeypatch):
 
 
 def test_latent_cache_round_trip_and_training_source(tmp_path):
-    from transfusion_jax.data.cache import CachedSource, write_cache
+    from transfusion_jax.data.cache import write_cache
+    from transfusion_jax.data.sources import CachedSource
 
     write_folder(tmp_path / "folder", 5, corrupt=True)
     records = ImageFolderSource(tmp_path / "folder")

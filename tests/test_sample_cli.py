@@ -51,7 +51,7 @@ def test_sample_cli_draws_a_grid_and_captions_an_image(trained, tmp_path):
         "3",
         "--steps",
         "4",
-        "--cfg-scale",
+        "--cfg_scale",
         "2",
         "--out",
         str(out),
@@ -63,7 +63,7 @@ def test_sample_cli_draws_a_grid_and_captions_an_image(trained, tmp_path):
     assert Image.open(singles[0]).size == (16, 16)
     grid = np.asarray(Image.open(out / "grid.png"))
     assert grid.shape[0] >= 2 * 128 and grid.shape[1] >= 2 * 128  # 2x2 cells, enlarged
-    proc = run("--workdir", str(trained), "--image", str(singles[0]), "--max-new-tokens", "5")
+    proc = run("--workdir", str(trained), "--image", str(singles[0]), "--max_new_tokens", "5")
     caption = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     assert len(caption) <= 5 * 4  # at most 5 tokens of bytes
     assert "loaded" in proc.stderr
@@ -99,7 +99,7 @@ def test_quickstart_evaluation_scores_with_the_exact_scorer(trained):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--prompt", "x", "--cfg-scale", "nan"], "--cfg-scale nan: must be finite and >= 0"),
+        (["--prompt", "x", "--cfg-scale", "nan"], "--cfg_scale nan: must be finite and >= 0"),
         (["--prompt", "x", "--num", "0"], "--num 0: must be at least 1"),
         (["--prompt", "x", "--steps", "1"], "--steps 1: ddpm needs 2 to 1000 steps"),
         (["--prompt", "x", "--sampler", "euler"], "--sampler euler: a model trained with"),

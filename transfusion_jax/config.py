@@ -4,6 +4,7 @@ Config files in `configs/` start from `base_config()` and override what they cha
 documented once, here.
 """
 
+import importlib.resources
 import importlib.util
 import math
 import pathlib
@@ -40,8 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention = "xla"  # The attention implementation (see attention.IMPLEMENTATIONS).
 
     c.image = ml_collections.ConfigDict()
-    c.image.latent_size = 32  # h = w of one image's latent (256 px / 8 for the paper's VAE).
-    c.image.latent_channels = 8
+    # h = w of one image's latent (256 px / 8 for the paper's VAE); 0 = follow the data (in pixel
+    # space: data.image_size).
+    c.image.latent_size = 32
+    c.image.latent_channels = 8  # 0 = follow the data (in pixel space: 3, RGB).
     c.image.patch_size = 2  # k: each k x k latent window is one sequence position.
     c.image.max_images = 1  # Image slots per packed row (M); unused slots are masked.
 
@@ -135,6 +138,14 @@ def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     m.num_kv_heads = m.num_kv_heads or m.num_heads
     m.head_dim = m.head_dim or m.d_model // m.num_heads
     m.ffn_dim = m.ffn_dim or llama_ffn_dim(m.d_model)
+    if "data" in cfg and cfg.data.latents == "pixels":
+        im.latent_size = im.latent_size or cfg.data.image_size
+        im.latent_channels = im.latent_channels or 3
+    _check(
+        im.latent_size > 0 and im.latent_channels > 0,
+        "image.latent_size",
+        "0 (follow the data) works in pixel space only; give the VAE's latent size and channels",
+    )
     _check(
         m.num_heads % m.num_kv_heads == 0,
         "model.num_kv_heads",
@@ -197,15 +208,56 @@ def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return cfg
 
 
+def shipped_configs() -> list[str]:
+    return sorted(
+        p.name.removesuffix(".py")
+        for p in importlib.resources.files("transfusion_jax.configs").iterdir()
+        if p.name.endswith(".py") and not p.name.startswith("_")
+    )
+
+
+def config_path(name_or_path: str) -> pathlib.Path:
+    """A config file: a path, or the name of a config shipped with the package ("tiny",
+    "paper"); "configs/tiny.py" given from outside the repository also finds the shipped one."""
+    path = pathlib.Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.parent.name in ("", "configs"):
+        shipped = importlib.resources.files("transfusion_jax.configs") / f"{path.stem}.py"
+        if shipped.is_file() and path.stem in shipped_configs():
+            return pathlib.Path(str(shipped))
+    raise FileNotFoundError(
+        f"--config {name_or_path}: no such file, and not a shipped config "
+        f"(one of {', '.join(shipped_configs())}, e.g. --config tiny or --config paper:0.76b)"
+    )
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
-    """Loads "configs/paper.py:0.76b,unet" as get_config("0.76b,unet") of that file."""
+    """Loads "paper:0.76b,unet" or "configs/paper.py:0.76b,unet" as get_config("0.76b,unet") of
+    that file."""
     path, _, arg = spec.partition(":")
-    if not pathlib.Path(path).is_file():
-        raise FileNotFoundError(f"config file {path!r} does not exist")
-    module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+    path = config_path(path)
+    module_spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg or None)
+
+
+def expand_config_flag(argv: list[str]) -> list[str]:
+    """argv with `--config NAME[:ARG]` made a file path, for ml_collections' config flag (which
+    takes paths only)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            value, prefix, index = out[i + 1], "", i + 1
+        elif arg.startswith("--config="):
+            value, prefix, index = arg.removeprefix("--config="), "--config=", i
+        else:
+            continue
+        path, colon, rest = value.partition(":")
+        out[index] = prefix + str(config_path(path)) + colon + rest
+        break
+    return out
 
 
 def _check(ok: bool, field: str, why: str) -> None:

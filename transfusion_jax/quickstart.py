@@ -1,6 +1,6 @@
 """The main job: train the tiny model on the built-in shapes data, then draw and caption.
 
-  python -m transfusion_jax.quickstart --workdir workdirs/quickstart
+  python -m transfusion_jax.quickstart --workdir workdirs/quickstart [--config.train.num_steps=N]
 
 1. trains `configs/tiny.py` on the shapes data (resumes if the directory has a checkpoint);
 2. draws one image for each of `--num` held-out captions (text -> image) into
@@ -9,21 +9,24 @@
 4. writes DIR/samples/report.json and DIR/samples/captions.txt and prints the accuracies.
 """
 
-import argparse
 import json
 import pathlib
+import sys
 
 import jax
 import numpy as np
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
 from PIL import Image
 
 from transfusion_jax.checkpoint import load_trained
-from transfusion_jax.config import load_config
+from transfusion_jax.config import config_path, expand_config_flag
 from transfusion_jax.data import shapes
 from transfusion_jax.data.images import array_to_image, to_uint8
 from transfusion_jax.generate import SamplingOptions
 from transfusion_jax.sample import caption_images, image_grid, make_generator, pixel_clip
-from transfusion_jax.train import train
+from transfusion_jax.train import is_user_error, train
 
 HELD_OUT_SEED = 987_654  # scenes drawn with another seed than training's
 
@@ -89,31 +92,52 @@ def evaluate(workdir, num: int, steps: int, cfg_scale: float, seed: int = 0) -> 
     return report
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="workdirs/quickstart")
-    parser.add_argument("--config", default="configs/tiny.py")
-    parser.add_argument("--train-steps", type=int, default=0, help="0 = the config's")
-    parser.add_argument("--num", type=int, default=16, help="images to draw and to caption")
-    parser.add_argument("--steps", type=int, default=100, help="denoising steps")
-    parser.add_argument("--cfg-scale", type=float, default=3.0)
-    args = parser.parse_args(argv)
+def define_flags() -> None:
+    """The command's flags, defined only when it runs (importing the module defines none)."""
+    config_flags.DEFINE_config_file(
+        "config", str(config_path("tiny")), "The config to train (a file or a shipped name)."
+    )
+    flags.DEFINE_string("workdir", "workdirs/quickstart", "Where the run is written.")
+    flags.DEFINE_integer("train_steps", 0, "Training steps; 0 = the config's.")
+    flags.DEFINE_integer("num", 16, "Held-out captions to draw and images to caption.")
+    flags.DEFINE_integer("steps", 100, "Denoising steps per image.")
+    flags.DEFINE_float("cfg_scale", 3.0, "Classifier-free guidance scale.")
 
-    cfg = load_config(args.config)
-    if args.train_steps:
-        cfg.train.num_steps = args.train_steps
-    train(cfg, args.workdir)
-    report = evaluate(args.workdir, args.num, args.steps, args.cfg_scale)
-    out = pathlib.Path(args.workdir) / "samples"
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    f = flags.FLAGS
+    cfg = f.config
+    if f.train_steps:
+        cfg.train.num_steps = f.train_steps
+    try:
+        train(cfg, f.workdir)
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        print(f"error: {str(e).strip(chr(39))}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_status", 2))
+    num, workdir = f.num, f.workdir
+    report = evaluate(workdir, num, f.steps, f.cfg_scale)
+    out = pathlib.Path(workdir) / "samples"
     print(
-        f"text -> image: {100 * report['text_to_image_accuracy']:.0f}% of {args.num} images "
+        f"text -> image: {100 * report['text_to_image_accuracy']:.0f}% of {num} images "
         f"show exactly their caption ({out / 'grid.png'})"
     )
     print(
-        f"image -> text: {100 * report['captioning_accuracy']:.0f}% of {args.num} captions "
-        f"are exactly right ({out / 'captions.txt'})"
+        f"image -> text: {100 * report['captioning_accuracy']:.0f}% of {num} captions "
+        f"are exactly right ({out / 'captions.txt'}, pictures in {out / 'captioned.png'})"
     )
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    try:
+        argv = expand_config_flag(sys.argv)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app.run(main, argv=argv)

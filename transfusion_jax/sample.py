@@ -93,9 +93,9 @@ def check_arguments(args, parser) -> None:
         if value < 1:
             parser.error(f"{flag} {value}: must be at least 1")
     if args.max_new_tokens < 1:
-        parser.error(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+        parser.error(f"--max_new_tokens {args.max_new_tokens}: must be at least 1")
     if not math.isfinite(args.cfg_scale) or args.cfg_scale < 0:
-        parser.error(f"--cfg-scale {args.cfg_scale}: must be finite and >= 0 (1 = no guidance)")
+        parser.error(f"--cfg_scale {args.cfg_scale}: must be finite and >= 0 (1 = no guidance)")
     if args.step is not None and args.step < 0:
         parser.error(f"--step {args.step}: must be a checkpoint's step number")
     config_file = pathlib.Path(args.workdir) / "config.json"
@@ -123,7 +123,7 @@ def check_arguments(args, parser) -> None:
     if args.image is not None:
         if not pathlib.Path(args.image).is_file():
             parser.error(f"--image {args.image}: no such file")
-        needed, what = 2 + image_positions + args.max_new_tokens, "--max-new-tokens"
+        needed, what = 2 + image_positions + args.max_new_tokens, "--max_new_tokens"
     else:
         tokens = make_tokenizer(cfg["data"]["tokenizer"]).encode(args.prompt)
         needed, what = 1 + len(tokens) + image_positions, "--prompt"
@@ -143,7 +143,9 @@ def main(argv=None):
     parser.add_argument("--image", help="image -> text: a picture to caption")
     parser.add_argument("--num", type=int, default=8, help="images to draw for --prompt")
     parser.add_argument("--out", default=None, help="where to write images (default DIR/samples)")
-    parser.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance")
+    parser.add_argument(
+        "--cfg_scale", "--cfg-scale", type=float, default=3.0, help="classifier-free guidance"
+    )
     parser.add_argument("--steps", type=int, default=250, help="denoising steps")
     parser.add_argument(
         "--sampler",
@@ -152,7 +154,7 @@ def main(argv=None):
         help="ddpm/ddim (epsilon models), euler/heun (flow models); default ddpm or heun",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=64)
     parser.add_argument("--ema", action="store_true", help="use the EMA weights")
     parser.add_argument(
         "--step", type=int, default=None, help="the checkpoint to load (default: the newest)"

@@ -26,7 +26,7 @@ from ml_collections import config_flags
 
 from transfusion_jax import sharding as shd
 from transfusion_jax.checkpoint import Checkpointer
-from transfusion_jax.config import resolve_model
+from transfusion_jax.config import expand_config_flag, resolve_model
 from transfusion_jax.data import make_source
 from transfusion_jax.flops import device_peak_tflops, model_flops_per_token
 from transfusion_jax.model import parameter_counts
@@ -356,13 +356,17 @@ def _check_finite(state, t) -> None:
 
 # -- command line --------------------------------------------------------------------------------
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, metrics and checkpoints.")
-_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    "allow_config_change",
-    False,
-    "Resume a run even though the model, data, optimizer or batch config changed.",
-)
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs (importing the module defines none)."""
+    config_flags.DEFINE_config_file("config", None, "A config file or shipped name, e.g. tiny.")
+    flags.DEFINE_string("workdir", None, "Directory for config, metrics and checkpoints.")
+    flags.DEFINE_bool(
+        "allow_config_change",
+        False,
+        "Resume a run even though the model, data, optimizer or batch config changed.",
+    )
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 def is_user_error(error: BaseException) -> bool:
@@ -392,14 +396,20 @@ def main(argv):
         else:
             jax.distributed.initialize()
     try:
-        train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+        f = flags.FLAGS
+        train(f.config, f.workdir, allow_config_change=f.allow_config_change)
     except Exception as e:
         if not is_user_error(e):
             raise
         print(f"error: {str(e).strip(chr(39))}", file=sys.stderr)
-        sys.exit(getattr(e, "exit_status", 2 if not isinstance(e, RunError) else 1))
+        sys.exit(getattr(e, "exit_status", 2))
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    define_flags()
+    try:
+        argv = expand_config_flag(sys.argv)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app.run(main, argv=argv)

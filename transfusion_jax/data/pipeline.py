@@ -9,28 +9,10 @@ import grain
 from absl import flags
 
 from transfusion_jax.batch import document_length
-from transfusion_jax.data.cache import CachedSource
 from transfusion_jax.data.documents import Skipped, ToDocument
 from transfusion_jax.data.packing import PackedBatches
-from transfusion_jax.data.sources import ImageFolderSource, ShapesSource, TextSource, TfdsSource
+from transfusion_jax.data.sources import TextSource, open_source
 from transfusion_jax.data.tokenizer import make_tokenizer
-
-
-def open_source(cfg):
-    d = cfg.data
-    if d.source == "imagefolder":
-        return ImageFolderSource(d.path)
-    if d.source == "tfds":
-        return TfdsSource(
-            d.tfds_name, d.tfds_split, d.tfds_data_dir, d.tfds_image_key, d.tfds_caption_key
-        )
-    if d.source == "shapes":
-        return ShapesSource(d.image_size, cfg.train.seed)
-    if d.source == "text":
-        return TextSource(d.text_path)
-    if d.source == "cached":
-        return CachedSource(d.path)
-    raise ValueError(f"config field data.source: {d.source!r} is not a grain source")
 
 
 def document_stream(records, cfg, tokenizer, seed: int, process_index: int, process_count: int):

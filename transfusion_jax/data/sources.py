@@ -1,4 +1,6 @@
-"""Random-access record sources (`len` and `[i]`), one per `data.source`, for grain to shuffle.
+"""Random-access record sources (`len` and `[i]`), one per `data.source`, for grain to shuffle;
+`open_source(cfg)` picks the configured one. `CachedSource` reads the latent cache that
+`data/cache.py` writes (the record format is defined here, beside its reader).
 
 A record is a dict: `{"image": path | bytes | uint8 array, "text": str | list[str], "origin": str}`
 for image-caption data (several captions: one is drawn per use), or `{"text": str, "origin": str}`
@@ -6,11 +8,15 @@ for text. `origin` names where the record came from, for warnings. Records are c
 decoded later, in the document transform, so a bad image costs a skip, not a crash.
 """
 
+import io
 import json
 import logging
 import os
 import pathlib
 import stat
+
+import numpy as np
+from grain.sources import ArrayRecordDataSource
 
 from transfusion_jax.data.shapes import ShapesDataset
 
@@ -238,3 +244,52 @@ class ShapesSource:
     def __getitem__(self, index: int) -> dict:
         item = self.dataset[index]
         return {"image": item["image"], "text": item["text"], "origin": f"shapes[{index}]"}
+
+
+# -- the latent cache (written by data/cache.py) -------------------------------------------------
+
+
+def encode_record(latent: np.ndarray, texts) -> bytes:
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    buffer = io.BytesIO()
+    np.savez(buffer, latent=latent.astype(np.float16), texts=np.array(texts, dtype=np.str_))
+    return buffer.getvalue()
+
+
+def decode_record(data: bytes) -> tuple[np.ndarray, list[str]]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return archive["latent"].astype(np.float32), archive["texts"].tolist()
+
+
+class CachedSource:
+    """Records of a cache file, in the shape the document transform expects."""
+
+    def __init__(self, path):
+        self.source = ArrayRecordDataSource(str(path))
+        self.skipped = 0
+        if len(self.source) == 0:
+            raise ValueError(f"config field data.path: the cache {path} holds no record")
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        latent, texts = decode_record(self.source[index])
+        return {"latent": latent, "text": texts, "origin": f"cache[{index}]"}
+
+
+def open_source(cfg):
+    d = cfg.data
+    if d.source == "imagefolder":
+        return ImageFolderSource(d.path)
+    if d.source == "tfds":
+        return TfdsSource(
+            d.tfds_name, d.tfds_split, d.tfds_data_dir, d.tfds_image_key, d.tfds_caption_key
+        )
+    if d.source == "shapes":
+        return ShapesSource(d.image_size, cfg.train.seed)
+    if d.source == "text":
+        return TextSource(d.text_path)
+    if d.source == "cached":
+        return CachedSource(d.path)
+    raise ValueError(f"config field data.source: {d.source!r} is not a grain source")

@@ -1,0 +1,1 @@
+"""The shipped configs: each file has `get_config(arg=None)`; `--config NAME[:ARG]` finds them."""
