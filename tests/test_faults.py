@@ -15,19 +15,27 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from flax import struct as flax_struct
 from orbax.checkpoint._src.checkpointers import async_checkpointer
 
 from tests.helpers import ROOT
 from tests.test_training import PoisonedSource, final_params, read_metrics, small_config
 from transfusion_jax import data as data_module
-from transfusion_jax.checkpoint import CheckpointSaveError, load_trained
+from transfusion_jax.checkpoint import Checkpointer, CheckpointSaveError
+from transfusion_jax.inference import load_trained
+from transfusion_jax.sharding import make_mesh
 from transfusion_jax.train import NonFiniteLossError, train
+from transfusion_jax.train_step import TrainProgram
 from transfusion_jax.workdir import (
     ConfigChangedError,
     WorkdirLock,
     WorkdirLockedError,
+    config_as_json,
+    config_changes,
     trim_metrics,
+    write_config,
 )
 
 TIMING = ("tokens_per_s", "step_s")
@@ -299,17 +307,93 @@ def test_resume_refuses_model_data_and_optimizer_changes_and_keeps_config_json(t
     assert step == 2 and restored_cfg.model.d_model == cfg.model.d_model
 
 
-def test_resume_accepts_steps_logging_and_mesh_changes(tmp_path, straight):
-    cfg = fault_config()
-    train(cfg, tmp_path, stop_at_step=2)
-    changed = fault_config()
-    changed.train.update(keep_checkpoints=5)
+def test_resume_accepts_steps_checkpointing_and_mesh_changes(tmp_path, straight):
+    first = fault_config()
+    first.train.num_steps = 4  # steps 1-2 are warm-up: the same rates under either length
+    train(first, tmp_path, stop_at_step=2)
+    changed = fault_config()  # num_steps 6 as the straight run
+    changed.train.update(checkpoint_every=3, keep_checkpoints=5)
+    changed.mesh.update(data=2, fsdp=2, tensor=2)
     changed.data.num_threads = 2
     train(changed, tmp_path)
-    assert_same_run(tmp_path, straight, cfg)
+    resumed, reference = read_metrics(tmp_path), read_metrics(straight)
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for key in ("loss", "lm_loss", "diffusion_loss", "grad_norm", "learning_rate"):
+        np.testing.assert_allclose(
+            [r[key] for r in resumed], [r[key] for r in reference], rtol=2e-4
+        )
     assert json.loads((tmp_path / "config.json").read_text())["train"]["keep_checkpoints"] == 5
     previous = json.loads((tmp_path / "config.step_2.json").read_text())
-    assert previous["train"]["keep_checkpoints"] == 2  # the config that trained steps 1-2
+    assert previous["train"]["num_steps"] == 4  # the config that trained steps 1-2
+
+
+def test_the_resume_is_checked_against_the_checkpoints_own_config(tmp_path):
+    cfg = fault_config()
+    train(cfg, tmp_path, stop_at_step=2)
+    (tmp_path / "config.json").unlink()  # lost, or rewritten by a run that never saved
+    changed = fault_config()
+    changed.model.d_model = 128
+    with pytest.raises(ConfigChangedError, match=r"model\.d_model 64 -> 128"):
+        train(changed, tmp_path)
+    _, restored_cfg, step = load_trained(tmp_path)  # sampling reads the stored config too
+    assert step == 2 and restored_cfg.model.d_model == 64
+    train(cfg, tmp_path)
+    assert read_metrics(tmp_path)[-1]["step"] == 6
+
+
+def test_write_config_never_replaces_the_config_that_trained_a_step(tmp_path):
+    first, second, third = fault_config(), fault_config(), fault_config()
+    second.train.keep_checkpoints, third.train.keep_checkpoints = 7, 9
+    write_config(tmp_path, first, None)
+    write_config(tmp_path, second, 4)
+    write_config(tmp_path, third, 4)  # a second resume from step 4 (the first saved nothing)
+    kept = json.loads((tmp_path / "config.step_4.json").read_text())
+    assert kept["train"]["keep_checkpoints"] == first.train.keep_checkpoints
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["keep_checkpoints"] == 9
+
+
+def test_config_changes_know_new_keys_a_pinned_schedule_and_moved_data():
+    saved = config_as_json(fault_config())
+    del saved["data"]["max_image_pixels"]  # a run saved before the key existed
+    new = fault_config()
+    new.optimizer.decay_steps = saved["train"]["num_steps"]  # the schedule it already had
+    new.data.path = "/mnt/elsewhere"
+    changes = config_changes(saved, config_as_json(new))
+    assert changes.refused == {}
+    assert set(changes.allowed) == {"optimizer.decay_steps", "data.path"}
+    new.data.max_image_pixels = 10
+    new.optimizer.decay_steps = 1000
+    assert set(config_changes(saved, config_as_json(new)).refused) == {
+        "data.max_image_pixels",
+        "optimizer.decay_steps",
+    }
+
+
+@flax_struct.dataclass
+class LegacyTrainState:
+    """TrainState as checkpoints before 0.2 hold it: no non-finite streak counters."""
+
+    step: jax.Array
+    params: dict
+    opt_state: object
+    ema_params: dict
+    rng: jax.Array
+    nonfinite_steps: jax.Array
+    first_nonfinite_step: jax.Array
+
+
+def test_a_checkpoint_without_the_streak_counters_restores(tmp_path):
+    cfg = small_config()
+    program = TrainProgram(cfg, make_mesh(1, 1, 1, jax.devices()[:1]))
+    state = program.init_state(0)
+    legacy = LegacyTrainState(**{f: getattr(state, f) for f in LegacyTrainState.__annotations__})
+    checkpoints = Checkpointer(tmp_path, keep=3, async_save=False)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(legacy), data=ocp.args.JsonSave({}))
+    checkpoints.manager.save(5, args=args)
+    restored, _ = checkpoints.restore(5, program.abstract_state())
+    checkpoints.close()
+    assert int(restored.nonfinite_streak) == 0 and int(restored.longest_nonfinite_streak) == 0
+    jax.tree.map(np.testing.assert_array_equal, restored.params, state.params)
 
 
 def test_allow_config_change_resumes_with_a_fresh_data_stream(tmp_path, monkeypatch):

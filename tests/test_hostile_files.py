@@ -114,3 +114,36 @@ def test_text_files_skip_what_is_not_utf8_text(tmp_path, caplog):
     assert "mixed.txt: 1 paragraphs are not valid UTF-8, skipped" in caplog.text
     assert "lines.jsonl:2: not valid UTF-8" in caplog.text
     assert 'lines.jsonl:3: no "text" field, skipped' in caplog.text
+
+
+def test_symlinks_out_of_the_directory_nul_bytes_and_deep_json_are_skipped(tmp_path, caplog):
+    root = tmp_path / "data"
+    write_folder(root, 2)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    PILImage.new("RGB", (8, 8)).save(outside / "x.png")
+    os.symlink(outside, root / "images" / "elsewhere")  # a directory link pointing outside
+    os.symlink(root / "images" / "0.png", root / "images" / "alias.png")  # inside: fine
+    deep = b'{"file_name": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    rows = [row("images/elsewhere/x.png"), row("images/alias.png"), row("images/\0.png"), deep]
+    append_rows(root, rows)
+    with caplog.at_level(logging.WARNING):
+        records = ImageFolderSource(root)
+    assert len(records) == 3 and records.skipped == 3
+    assert "'images/elsewhere/x.png' is outside" in caplog.text
+    assert "file_name holds a NUL character" in caplog.text
+    assert "JSON nested too deeply" in caplog.text
+
+
+def test_text_sources_skip_special_files(tmp_path, caplog):
+    (tmp_path / "good.txt").write_text("a paragraph\n")
+    (tmp_path / "folder.txt").mkdir()
+    os.mkfifo(tmp_path / "pipe.txt")  # reading it would block forever
+    os.symlink("/dev/zero", tmp_path / "zeros.jsonl")  # reading it would never end
+    os.symlink(tmp_path / "gone.txt", tmp_path / "dangling.txt")
+    with caplog.at_level(logging.WARNING):
+        source = TextSource(tmp_path)
+    assert len(source) == 1 and source.skipped == 4
+    assert "pipe.txt is a pipe, not a regular file" in caplog.text
+    assert "zeros.jsonl is a character device" in caplog.text
+    assert "dangling.txt is a broken symlink" in caplog.text

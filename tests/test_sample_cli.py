@@ -3,6 +3,7 @@ checkpoint of the shapes data."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,9 +13,12 @@ import pytest
 from PIL import Image
 
 from tests.helpers import ROOT
+from transfusion_jax import Pipeline
 from transfusion_jax import sample as sample_cli
 from transfusion_jax.config import load_config
 from transfusion_jax.data import shapes
+from transfusion_jax.data.images import load_image, to_uint8
+from transfusion_jax.generate import SamplingOptions
 from transfusion_jax.quickstart import evaluate
 from transfusion_jax.train import train
 
@@ -115,7 +119,7 @@ def test_sample_arguments_are_checked_before_the_model_loads(
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(sample_cli, "load_trained", must_not_load)
+    monkeypatch.setattr(sample_cli.Pipeline, "from_workdir", must_not_load)
     with pytest.raises(SystemExit) as exit_info:
         sample_cli.main(["--workdir", str(trained), *args])
     assert exit_info.value.code == 2
@@ -143,3 +147,57 @@ def test_sample_names_a_missing_step_and_draws_from_an_empty_prompt(trained, tmp
     ]
     sample_cli.main(args)  # an empty prompt is the unconditional branch, not "no prompt"
     assert (out / "000.png").is_file()
+
+
+def test_the_readme_pipeline_example_runs(trained, tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "Pipeline" in b)
+    block = block.replace('"workdirs/quickstart"', repr(str(trained))).replace(
+        "steps=100", "steps=3"
+    )
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert (tmp_path / "circle.png").is_file() and len(scope["images"]) == 2
+    assert len(scope["captions"]) == 2 and all(isinstance(c, str) for c in scope["captions"])
+    assert all(isinstance(p, str | Image.Image) for p in scope["parts"])
+
+
+def test_pipeline_matches_the_generator_it_wraps(trained):
+    pipe = Pipeline.from_workdir(trained)
+    prompt = "a small red circle"
+    drawn = pipe.text_to_image([prompt, prompt], steps=3, cfg_scale=2.0, seed=5)
+    tokens = [pipe.tokenizer.special.bos, *pipe.tokenizer.encode(prompt)]
+    options = SamplingOptions(max_new_tokens=1, steps=3, cfg_scale=2.0, sampler="ddpm", clip_x0=1.0)
+    direct = pipe.generator.generate([tokens] * 2, jax.random.key(5), options, force_image=True)
+    for image, row in zip(drawn, direct.images, strict=True):
+        np.testing.assert_array_equal(np.asarray(image), to_uint8(row[0]))
+    captions = pipe.caption(drawn, max_new_tokens=5)
+    again = pipe.caption(np.stack([load_image(image, 16) for image in drawn]), max_new_tokens=5)
+    assert captions == again and all(len(c) <= 20 for c in captions)
+    parts = pipe.generate("a", max_new_tokens=6, max_images=1, steps=2)
+    result = pipe.generator.generate(
+        [pipe._prompt("a")], jax.random.key(0), pipe.options(max_new_tokens=6, steps=2)
+    )
+    assert "".join(p for p in parts if isinstance(p, str)) == "".join(
+        pipe.tokenizer.decode(t) for t in _text_runs(result.tokens[0], pipe.tokenizer.special)
+    )
+    assert sum(isinstance(p, Image.Image) for p in parts) == len(result.images[0])
+    with pytest.raises(ValueError, match="sampler 'heun': a model trained with"):
+        pipe.text_to_image(prompt, sampler="heun")
+    with pytest.raises(ValueError, match="cfg_scale nan"):
+        pipe.text_to_image(prompt, cfg_scale=float("nan"))
+
+
+def _text_runs(tokens, special):
+    """The text token runs outside BOI ... EOI (an independent split of the token stream)."""
+    runs, current, inside = [], [], False
+    for token in tokens:
+        if token == special.boi:
+            runs.append(current)
+            current, inside = [], True
+        elif token == special.eoi:
+            inside = False
+        elif not inside:
+            current.append(token)
+    return [*runs, current]

@@ -12,6 +12,7 @@ from transfusion_jax.batch import (
 )
 from transfusion_jax.config import base_config
 from transfusion_jax.diffusion import Diffusion
+from transfusion_jax.inference import Pipeline
 from transfusion_jax.loss import transfusion_loss
 from transfusion_jax.model import Transfusion, parameter_counts
 
@@ -19,6 +20,7 @@ __all__ = [
     "Batch",
     "Diffusion",
     "Image",
+    "Pipeline",
     "SpecialTokens",
     "Transfusion",
     "base_config",

@@ -11,23 +11,31 @@ Orbax itself writes each step to a temporary directory and renames it when compl
 mid-save leaves the previous steps intact.
 """
 
-import json
 import logging
 import os
 import pathlib
 import re
-import shutil
 
-import jax
-import ml_collections
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from flax import nnx
 
-from transfusion_jax.sharding import make_mesh
-from transfusion_jax.train_step import TrainProgram, TrainState
+from transfusion_jax.train_step import TrainState
 from transfusion_jax.workdir import RunError
 
 log = logging.getLogger(__name__)
+
+STREAK_FIELDS = ("nonfinite_streak", "longest_nonfinite_streak")  # added to TrainState in 0.2
+
+
+class _ReadOnlyNotice(logging.Filter):
+    """Drops Orbax's two warnings that a read-only manager is read-only (every `sample` run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "read_only=True" not in message and "Given directory is read only" not in message
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotice())
 
 
 class CheckpointSaveError(RunError):
@@ -60,17 +68,21 @@ class Checkpointer:
         )
         self.directory = pathlib.Path(directory).absolute()  # Orbax refuses relative paths
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data")
+            self.directory, options=options, item_names=("state", "data", "config")
         )
         self._unchecked_step = None  # the save whose outcome is not known yet
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: TrainState, data_state: dict) -> None:
+    def save(self, step: int, state: TrainState, data_state: dict, config: dict) -> None:
+        """Saves the state, the data iterator's state and the config that trained them (a
+        resume compares with it, and sampling builds the model from it)."""
         self.check_saved(wait=True)  # Orbax waits for the previous save anyway
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            config=ocp.args.JsonSave(config),
         )
         try:
             self.manager.save(step, args=args, force=True)
@@ -126,19 +138,46 @@ class Checkpointer:
             )
         return None
 
+    def saved_config(self, step: int) -> dict | None:
+        """The config stored with a step (None for steps saved before configs were stored, or
+        if it cannot be read)."""
+        if not (self.directory / str(step) / "config").is_dir():
+            return None
+        try:
+            args = ocp.args.Composite(config=ocp.args.JsonRestore())
+            return self.manager.restore(step, args=args)["config"]
+        except Exception as e:  # noqa: BLE001 - a damaged step: the caller falls back
+            log.warning("the config of step %d cannot be read (%s)", step, first_line(e))
+            return None
+
     def set_aside(self, step: int, where: pathlib.Path) -> pathlib.Path:
-        """Moves a damaged step out of Orbax's directory (kept for inspection, not deleted), so
-        the run can save that step again."""
+        """Moves a damaged step out of Orbax's directory (kept for inspection, never deleted:
+        a step set aside twice gets a numbered name), so the run can save that step again."""
         where.mkdir(parents=True, exist_ok=True)
-        target = where / str(step)
-        if target.exists():
-            shutil.rmtree(target)
+        target, n = where / str(step), 1
+        while target.exists():
+            target, n = where / f"{step}.{n}", n + 1
         (self.directory / str(step)).rename(target)
         self.manager.reload()
         return target
 
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
-        """The state at `step`, placed as `abstract_state`'s shardings say, and the data state."""
+        """The state at `step`, placed as `abstract_state`'s shardings say, and the data state.
+        A state saved before the non-finite streak counters existed gets them as zeros."""
+        try:
+            return self._restore(step, abstract_state)
+        except ValueError as e:
+            legacy = {f: v for f, v in vars(abstract_state).items() if f not in STREAK_FIELDS}
+            if "structure" not in str(e).lower():
+                raise
+            try:
+                state, data = self._restore(step, legacy)
+            except Exception:  # noqa: BLE001 - not the old layout either: report the first error
+                raise e from None
+            zero = {f: jnp.zeros_like(getattr(abstract_state, f)) for f in STREAK_FIELDS}
+            return TrainState(**state, **zero), data
+
+    def _restore(self, step, abstract_state):
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
         )
@@ -148,50 +187,17 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def close(self) -> None:
+    def close(self, quiet: bool = False) -> None:
         """Waits for the last save; a failure of it that `check_saved` did not raise yet is
-        raised here (a failure already raised is not raised twice)."""
+        raised here, or only logged with `quiet` (while another error is being reported)."""
         try:
             self.check_saved(wait=True)
+        except CheckpointSaveError as e:
+            if not quiet:
+                raise
+            log.error("%s", e)
         finally:
             try:
                 self.manager.close()
-            except Exception:  # noqa: BLE001 - the save's failure was reported above
-                pass
-
-
-def load_trained(workdir, use_ema: bool = False, step: int | None = None):
-    """(model, config, step) from a training run's directory, on the first local device.
-
-    Reads DIR/config.json and the given checkpoint, or else the newest one that restores (a
-    damaged latest checkpoint is named in a warning and skipped); `use_ema` takes the EMA
-    weights when the run kept them.
-    """
-    workdir = pathlib.Path(workdir)
-    config_file = workdir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"--workdir {workdir}: no config.json (is it a training run?)")
-    cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    program = TrainProgram(cfg, make_mesh(1, 1, 1, jax.local_devices()[:1]))
-    checkpoints = Checkpointer(workdir / "checkpoints", keep=None, read_only=True)
-    try:
-        if step is None:
-            restored = checkpoints.restore_latest(program.abstract_state())
-            if restored is None:
-                raise FileNotFoundError(
-                    f"--workdir {workdir}: no checkpoint in {workdir / 'checkpoints'}"
-                )
-            step, state, _, _ = restored
-        else:
-            steps = checkpoints.manager.all_steps()
-            if step not in steps:
-                raise FileNotFoundError(
-                    f"--step {step}: {workdir / 'checkpoints'} holds steps {sorted(steps)}"
-                )
-            state, _ = checkpoints.restore(step, program.abstract_state())
-    finally:
-        checkpoints.close()
-    if use_ema and not state.ema_params:
-        raise ValueError(f"--workdir {workdir}: the run kept no EMA weights (train.ema_decay=0)")
-    params = state.ema_params if use_ema else state.params
-    return nnx.merge(program.graphdef, params), program.cfg, step
+            except Exception as e:  # noqa: BLE001 - a failed save is reported by check_saved
+                log.warning("closing the checkpoint manager: %s", first_line(e))

@@ -13,40 +13,28 @@ import json
 import pathlib
 import sys
 
-import jax
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 from PIL import Image
 
-from transfusion_jax.checkpoint import load_trained
 from transfusion_jax.config import config_path, expand_config_flag
 from transfusion_jax.data import shapes
 from transfusion_jax.data.images import array_to_image, to_uint8
-from transfusion_jax.generate import SamplingOptions
-from transfusion_jax.sample import caption_images, image_grid, make_generator, pixel_clip
+from transfusion_jax.inference import Pipeline, image_grid
 from transfusion_jax.train import is_user_error, train
 
 HELD_OUT_SEED = 987_654  # scenes drawn with another seed than training's
 
 
 def evaluate(workdir, num: int, steps: int, cfg_scale: float, seed: int = 0) -> dict:
-    model, cfg, step = load_trained(workdir)
-    generator, tokenizer = make_generator(model, cfg)
+    pipe = Pipeline.from_workdir(workdir)
+    cfg, step, sampler = pipe.cfg, pipe.step, pipe.options().sampler
     scenes = [shapes.scene_for_index(i, HELD_OUT_SEED) for i in range(num)]
-    prompts = [[tokenizer.special.bos, *tokenizer.encode(shapes.caption(s))] for s in scenes]
-    sampler = "ddpm" if cfg.diffusion.objective == "epsilon" else "heun"
-    options = SamplingOptions(
-        max_new_tokens=8,
-        max_images=1,
-        sampler=sampler,
-        steps=steps,
-        cfg_scale=cfg_scale,
-        clip_x0=pixel_clip(cfg, sampler),
-    )
-    result = generator.generate(prompts, jax.random.key(seed), options, force_image=True)
-    drawn = [to_uint8(row[0]) for row in result.images]
+    prompts = [shapes.caption(s) for s in scenes]
+    images = pipe.text_to_image(prompts, steps=steps, cfg_scale=cfg_scale, seed=seed)
+    drawn = [np.asarray(image) for image in images]
     image_scores = [
         shapes.score_image(image, scene) for image, scene in zip(drawn, scenes, strict=True)
     ]
@@ -54,8 +42,7 @@ def evaluate(workdir, num: int, steps: int, cfg_scale: float, seed: int = 0) -> 
     size = cfg.data.image_size
     truth = [shapes.scene_for_index(i, HELD_OUT_SEED + 1) for i in range(num)]
     pictures = np.stack([array_to_image(shapes.render(s, size)) for s in truth])
-    caption_options = SamplingOptions(max_new_tokens=cfg.data.max_caption_tokens + 2, max_images=0)
-    captions = caption_images(generator, tokenizer, pictures, caption_options, seed)
+    captions = pipe.caption(pictures, max_new_tokens=cfg.data.max_caption_tokens + 2, seed=seed)
     caption_scores = [shapes.score_caption(c, s) for c, s in zip(captions, truth, strict=True)]
 
     out = pathlib.Path(workdir) / "samples"

@@ -1,94 +1,37 @@
-"""Sample from a trained run: text -> image, or caption an image.
+"""Sample from a trained run: text -> image, caption an image, or continue a text.
 
   python -m transfusion_jax.sample --workdir DIR --prompt "a small red circle above a large blue
       square" --num 8 --out OUTDIR          # writes OUTDIR/grid.png and OUTDIR/000.png, ...
   python -m transfusion_jax.sample --workdir DIR --image photo.png    # prints the caption last
+  python -m transfusion_jax.sample --workdir DIR --text "a large"     # prints the continuation
 
-Loads DIR/config.json and the latest checkpoint (`--ema` for the EMA weights), and shows the
-progress of the denoising steps.
+Loads the newest checkpoint that restores (`--step N` for another, `--ema` for the EMA weights)
+through `transfusion_jax.Pipeline`, and shows the progress of the denoising steps. Flags are
+checked before the model loads.
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import pathlib
 import sys
 
-import jax
-import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from transfusion_jax.checkpoint import load_trained
-from transfusion_jax.data.images import load_image, to_uint8
 from transfusion_jax.data.tokenizer import make_tokenizer
-from transfusion_jax.diffusion import Diffusion
-from transfusion_jax.generate import Generator, SamplingOptions
+from transfusion_jax.inference import SAMPLERS_FOR, Pipeline, image_grid
 from transfusion_jax.samplers import METHODS
 from transfusion_jax.workdir import RunError
-
-
-def image_grid(images: list[np.ndarray], min_cell: int = 128, border: int = 2) -> np.ndarray:
-    """uint8 images [h, w, 3] tiled in a near-square grid on white, each cell enlarged (nearest
-    neighbour) to at least `min_cell` pixels so small images stay visible."""
-    n = len(images)
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    scale = max(1, math.ceil(min_cell / images[0].shape[0]))
-    h, w = images[0].shape[0] * scale, images[0].shape[1] * scale
-    grid = np.full((rows * (h + border) + border, cols * (w + border) + border, 3), 255, np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, cols)
-        big = image.repeat(scale, axis=0).repeat(scale, axis=1)
-        top, left = border + r * (h + border), border + c * (w + border)
-        grid[top : top + h, left : left + w] = big
-    return grid
-
-
-def make_generator(model, cfg, steps_bar=None):
-    tokenizer = make_tokenizer(cfg.data.tokenizer)
-    im = cfg.image
-    shape = (im.latent_size, im.latent_size, im.latent_channels)
-    progress = None if steps_bar is None else (lambda t: steps_bar.update(1))
-    generator = Generator(
-        model,
-        Diffusion.from_config(cfg),
-        tokenizer.special,
-        shape,
-        progress,
-        num_ids=tokenizer.num_ids,
-    )
-    return generator, tokenizer
-
-
-def pixel_clip(cfg, sampler: str) -> float | None:
-    """Pixels live in [-1, 1], so DDPM/DDIM clip their x0 estimate there (as pixel-space DDPM
-    does); latents of a VAE are not bounded, and the flow samplers take no clip."""
-    return 1.0 if cfg.data.latents == "pixels" and sampler in ("ddpm", "ddim") else None
-
-
-def text_to_image(generator, tokenizer, prompt: str, num: int, options, seed: int):
-    tokens = [tokenizer.special.bos, *tokenizer.encode(prompt)]
-    result = generator.generate([tokens] * num, jax.random.key(seed), options, force_image=True)
-    return [to_uint8(row[0]) for row in result.images]
-
-
-def caption_images(generator, tokenizer, images: np.ndarray, options, seed: int) -> list[str]:
-    """Captions for images [B, h, w, 3] in [-1, 1]: the text the model writes after them."""
-    prompts = [[tokenizer.special.bos]] * len(images)
-    result = generator.generate(prompts, jax.random.key(seed), options, images=images)
-    return [tokenizer.decode(row).strip() for row in result.text]
-
-
-SAMPLERS_FOR = {"epsilon": ("ddpm", "ddim"), "flow": ("euler", "heun")}
 
 
 def check_arguments(args, parser) -> None:
     """Refuses arguments that cannot work before the model is loaded, naming the flag: they
     need only DIR/config.json and the tokenizer."""
-    if (args.prompt is None) == (args.image is None):
-        parser.error("give exactly one of --prompt (text -> image) or --image (captioning)")
+    if sum(x is not None for x in (args.prompt, args.image, args.text)) != 1:
+        parser.error(
+            "give exactly one of --prompt (text -> image), --image (captioning) or --text "
+            "(a text continuation, with images where the model opens one)"
+        )
     for flag, value in (("--num", args.num), ("--steps", args.steps)):
         if value < 1:
             parser.error(f"{flag} {value}: must be at least 1")
@@ -124,9 +67,12 @@ def check_arguments(args, parser) -> None:
         if not pathlib.Path(args.image).is_file():
             parser.error(f"--image {args.image}: no such file")
         needed, what = 2 + image_positions + args.max_new_tokens, "--max_new_tokens"
-    else:
+    elif args.prompt is not None:
         tokens = make_tokenizer(cfg["data"]["tokenizer"]).encode(args.prompt)
         needed, what = 1 + len(tokens) + image_positions, "--prompt"
+    else:
+        tokens = make_tokenizer(cfg["data"]["tokenizer"]).encode(args.text)
+        needed, what = 1 + len(tokens) + args.max_new_tokens, "--text with --max_new_tokens"
     if needed > seq_len:
         parser.error(
             f"{what}: the context would need {needed} positions, but the model was trained on "
@@ -141,6 +87,7 @@ def main(argv=None):
     parser.add_argument("--workdir", required=True, help="a training run's directory")
     parser.add_argument("--prompt", help="text -> image: the caption to draw (may be empty)")
     parser.add_argument("--image", help="image -> text: a picture to caption")
+    parser.add_argument("--text", help="a text to continue (images where the model opens one)")
     parser.add_argument("--num", type=int, default=8, help="images to draw for --prompt")
     parser.add_argument("--out", default=None, help="where to write images (default DIR/samples)")
     parser.add_argument(
@@ -155,6 +102,9 @@ def main(argv=None):
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (--text)")
+    parser.add_argument("--top_k", type=int, default=0, help="0 = no top-k filter (--text)")
+    parser.add_argument("--top_p", type=float, default=1.0, help="1 = no nucleus filter (--text)")
     parser.add_argument("--ema", action="store_true", help="use the EMA weights")
     parser.add_argument(
         "--step", type=int, default=None, help="the checkpoint to load (default: the newest)"
@@ -163,34 +113,47 @@ def main(argv=None):
     check_arguments(args, parser)
 
     try:
-        model, cfg, step = load_trained(args.workdir, use_ema=args.ema, step=args.step)
+        pipe = Pipeline.from_workdir(args.workdir, ema=args.ema, step=args.step)
     except (FileNotFoundError, ValueError, RunError) as e:
         parser.exit(2, f"error: {e}\n")
-    sampler = args.sampler
-    options = SamplingOptions(
-        max_new_tokens=args.max_new_tokens,
-        max_images=1,
-        sampler=sampler,
+    print(f"loaded {args.workdir} at step {pipe.step}", file=sys.stderr)
+    out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "samples")
+    if args.image is not None:
+        print(pipe.caption(args.image, max_new_tokens=args.max_new_tokens, seed=args.seed)[0])
+        return
+    if args.text is not None:
+        parts = pipe.generate(
+            args.text,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            steps=args.steps,
+            cfg_scale=args.cfg_scale,
+            sampler=args.sampler,
+            seed=args.seed,
+        )
+        for i, part in enumerate(parts):
+            if isinstance(part, str):
+                print(part, end="")
+            else:
+                out.mkdir(parents=True, exist_ok=True)
+                part.save(out / f"text_{i:03d}.png")
+                print(f"[image: {out / f'text_{i:03d}.png'}]", end="")
+        print()
+        return
+    images = pipe.text_to_image(
+        args.prompt,
+        num_per_prompt=args.num,
         steps=args.steps,
         cfg_scale=args.cfg_scale,
-        clip_x0=pixel_clip(cfg, sampler),
+        sampler=args.sampler,
+        seed=args.seed,
+        progress=True,
     )
-    print(f"loaded {args.workdir} at step {step}", file=sys.stderr)
-    if args.image is not None:
-        generator, tokenizer = make_generator(model, cfg)
-        image = load_image(args.image, cfg.data.image_size)[None]
-        options = dataclasses.replace(options, max_images=0)
-        print(caption_images(generator, tokenizer, image, options, args.seed)[0])
-        return
-
-    evaluations = 2 * args.steps - 1 if sampler == "heun" else args.steps
-    with tqdm(total=evaluations, desc="denoising", unit="step", file=sys.stderr) as bar:
-        generator, tokenizer = make_generator(model, cfg, bar)
-        images = text_to_image(generator, tokenizer, args.prompt, args.num, options, args.seed)
-    out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "samples")
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
-        Image.fromarray(image).save(out / f"{i:03d}.png")
+        image.save(out / f"{i:03d}.png")
     Image.fromarray(image_grid(images)).save(out / "grid.png")
     print(f"wrote {len(images)} images and {out / 'grid.png'}")
 

@@ -146,25 +146,38 @@ def train(
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
-    checkpoints = None
     try:
         checkpoints = Checkpointer(workdir / "checkpoints", t.keep_checkpoints)
-        changes = _check_resume_config(cfg, workdir, checkpoints, allow_config_change)
-        return _train(cfg, workdir, checkpoints, changes, devices, stop_at_step)
+        try:
+            changes = _check_resume_config(cfg, workdir, checkpoints, allow_config_change)
+            result = _train(cfg, workdir, checkpoints, changes, devices, stop_at_step)
+        except BaseException:
+            checkpoints.close(quiet=True)  # the error in flight is the one to report
+            raise
+        checkpoints.close()
+        return result
     finally:
-        if checkpoints is not None:
-            checkpoints.close()
         if lock is not None:
             lock.release()
 
 
 def _check_resume_config(cfg, workdir, checkpoints, allow_change: bool) -> ConfigChanges | None:
-    """The changes from the config the checkpoints were trained with (None for a new run);
+    """The changes from the config the latest checkpoint was trained with (None for a new run);
     raises ConfigChangedError for changes that would mix two runs, unless allowed."""
-    saved_file = workdir / "config.json"
-    if checkpoints.latest_step() is None or not saved_file.is_file():
+    latest = checkpoints.latest_step()
+    if latest is None:
         return None
-    changes = config_changes(json.loads(saved_file.read_text()), config_as_json(cfg))
+    saved = checkpoints.saved_config(latest)
+    if saved is None:  # a checkpoint from before configs were stored in them
+        saved_file = workdir / "config.json"
+        if not saved_file.is_file():
+            raise ConfigChangedError(
+                f"--workdir {workdir}: the checkpoint of step {latest} stores no config and "
+                f"config.json is missing, so the resume cannot be checked; restore config.json "
+                f"or give a new --workdir"
+            )
+        saved = json.loads(saved_file.read_text())
+    changes = config_changes(saved, config_as_json(cfg))
     if changes.refused and not allow_change:
         raise ConfigChangedError(
             f"--workdir {workdir} holds a run trained with another config: "
@@ -175,6 +188,11 @@ def _check_resume_config(cfg, workdir, checkpoints, allow_change: bool) -> Confi
         log(f"warning: resuming with a changed config: {changes.describe('refused')}")
     if changes.allowed:
         log(f"resuming with {changes.describe('allowed')}")
+    moved = [
+        k for k in changes.allowed if k in ("data.path", "data.text_path", "data.tfds_data_dir")
+    ]
+    if moved:
+        log(f"warning: {', '.join(moved)} moved; an exact resume needs the same data there")
     if "train.num_steps" in changes.allowed and cfg.optimizer.decay_steps == 0:
         before = changes.allowed["train.num_steps"][0]
         log(
@@ -223,6 +241,8 @@ def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step) -> dict:
         else:
             source.set_state(data_state[str(jax.process_index())])
         log(f"resumed from the checkpoint of step {resumed_step}")
+    if jax.process_count() > 1:  # every process has read the old files before they change
+        multihost_utils.sync_global_devices("resume checked")
     if jax.process_index() == 0:  # only now: a refused or failed resume leaves them untouched
         dropped = trim_metrics(workdir / "metrics.jsonl", resumed_step or 0)
         if dropped:
@@ -240,6 +260,7 @@ def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step) -> dict:
 
     # -- loop ---------------------------------------------------------------------------------
     writer = MetricsWriter(workdir, t.tensorboard) if jax.process_index() == 0 else None
+    saved_config = config_as_json(cfg)
     preemption = PreemptionFlag()
     step = int(state.step)
     last_logged, window, window_start, window_steps = {}, None, time.perf_counter(), 0
@@ -270,7 +291,7 @@ def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step) -> dict:
                 window_start = time.perf_counter()
             if step % t.checkpoint_every == 0 or step == t.num_steps or stopping:
                 _check_finite(state, t)
-                checkpoints.save(step, state, _data_states(source))
+                checkpoints.save(step, state, _data_states(source), saved_config)
             if stopping:
                 checkpoints.check_saved(wait=True)
                 why = preemption.raised or (
@@ -341,16 +362,18 @@ def _check_finite(state, t) -> None:
         first = int(state.first_nonfinite_step)
         raise NonFiniteLossError(
             f"step {first + 1}: the loss or gradient is not finite. That update was not applied, "
-            f"so the weights (and any checkpoint) are still clean. Lower optimizer.peak_lr, check "
-            f"the data, or set --config.train.nan_policy=skip to skip such steps."
+            f"so the weights (and any checkpoint) are still clean. Lower optimizer.peak_lr (resume "
+            f"with --allow_config_change), check the data, or set "
+            f"--config.train.nan_policy=skip to skip such steps."
         )
     longest = int(state.longest_nonfinite_streak)
     if longest >= t.max_nonfinite_streak:
         raise NonFiniteLossError(
             f"{longest} steps in a row had a non-finite loss or gradient "
             f"({int(state.nonfinite_steps)} of {int(state.step)} in all; none was applied, so the "
-            f"checkpoints are clean). The run is not training: lower optimizer.peak_lr or check "
-            f"the data, then resume (train.max_nonfinite_streak sets this limit)."
+            f"checkpoints are clean). The run is not training: lower optimizer.peak_lr (resume "
+            f"with --allow_config_change) or check the data (train.max_nonfinite_streak sets "
+            f"this limit)."
         )
 
 

@@ -77,11 +77,16 @@ RESUMABLE_KEYS = (
     "train.peak_tflops",
     "train.nan_policy",
     "train.max_nonfinite_streak",
+    "train.grad_accum_steps",
     "mesh.",
     "model.remat_policy",
     "model.attention",
+    "model.dtype",
     "data.num_threads",
     "data.prefetch",
+    "data.path",  # the same data at a new place (a new machine, another mount): warned
+    "data.text_path",
+    "data.tfds_data_dir",
 )
 
 
@@ -101,11 +106,21 @@ class ConfigChanges:
 
 
 def config_changes(saved: dict, new: dict) -> ConfigChanges:
-    """Differences between two configs as JSON dicts (what DIR/config.json holds)."""
+    """Differences between two configs as JSON dicts (what DIR/config.json holds). A key the
+    saved config lacks (added to the project since) counts as unchanged while it keeps its
+    default; optimizer.decay_steps may be set to the decay the run already had."""
+    from transfusion_jax.config import base_config  # the config module imports none of ours
+
     a, b = _flatten(saved), _flatten(new)
+    defaults = _flatten(json.loads(base_config().to_json_best_effort()))
     allowed, refused = {}, {}
     for key in sorted(set(a) | set(b)):
         before, after = a.get(key, "<unset>"), b.get(key, "<unset>")
+        if before == "<unset>" and key in defaults and after == defaults[key]:
+            continue
+        if key == "optimizer.decay_steps" and before == 0 and after == a.get("train.num_steps"):
+            allowed[key] = (before, after)  # the same schedule, now pinned
+            continue
         if before != after:
             resumable = any(_matches(key, k) for k in RESUMABLE_KEYS)
             (allowed if resumable else refused)[key] = (before, after)
@@ -118,17 +133,16 @@ def config_as_json(cfg) -> dict:
 
 
 def write_config(workdir: pathlib.Path, cfg, resumed_step: int | None) -> None:
-    """Writes DIR/config.json; a different config already there is kept as
-    config.step_N.json (N = the step this run resumed from: the steps that config trained)."""
+    """Writes DIR/config.json (for people and tools; each checkpoint stores its own config). A
+    different config already there is kept as config.step_N.json, N = the step this run resumed
+    from; an existing config.step_N.json is the one that trained up to N and is never replaced."""
     path = workdir / "config.json"
     text = cfg.to_json_best_effort(indent=2) + "\n"
     if path.is_file():
-        try:
-            previous = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError):
-            previous = None
-        if previous != json.loads(text):
-            path.replace(workdir / f"config.step_{resumed_step or 0}.json")
+        previous = path.read_bytes()
+        kept = workdir / f"config.step_{resumed_step or 0}.json"
+        if previous != text.encode() and not kept.exists():
+            _atomic_write(kept, previous)
     _atomic_write(path, text)
 
 

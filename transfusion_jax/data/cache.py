@@ -17,19 +17,21 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from ml_collections import config_flags
 
 from transfusion_jax.data.documents import Skipped, decode_image
-from transfusion_jax.data.images import to_latent
+from transfusion_jax.data.images import DEFAULT_MAX_PIXELS, to_latent
 from transfusion_jax.data.sources import encode_record, open_source
 
 log = logging.getLogger(__name__)
 
 
-def write_cache(records, image_size: int, latents: str, path) -> tuple[int, int]:
+def write_cache(
+    records, image_size: int, latents: str, path, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[int, int]:
     """Writes every decodable record; returns (written, skipped)."""
     writer = ArrayRecordWriter(str(path), "group_size:1")
     written = skipped = 0
     for i in range(len(records)):
         record = records[i]
-        pixels = decode_image(record, image_size)
+        pixels = decode_image(record, image_size, max_pixels)
         if isinstance(pixels, Skipped):
             log.warning("%s", pixels)
             skipped += 1
@@ -44,7 +46,8 @@ def main(argv):
     del argv
     cfg, out = flags.FLAGS.config, flags.FLAGS.out
     records = open_source(cfg)
-    written, skipped = write_cache(records, cfg.data.image_size, cfg.data.latents, out)
+    d = cfg.data
+    written, skipped = write_cache(records, d.image_size, d.latents, out, d.max_image_pixels)
     print(f"wrote {written} records to {out}; skipped {skipped + records.skipped}")
 
 

@@ -145,6 +145,11 @@ class PackedBatches:
     def set_state(self, state: dict) -> None:
         self.documents.set_state(state["documents"])
         skipped = state["skipped_before_window"]
+        if isinstance(skipped, int):  # saved before bad records were told apart: a count only
+            skipped = {
+                "origins": [f"(record {i} before resume)" for i in range(skipped)],
+                "draws": skipped,
+            }
         self._skipped, self.skipped_draws = set(skipped["origins"]), skipped["draws"]
         self._rows, self._emitted = [], 0
         if state["rows_emitted"]:

@@ -11,7 +11,6 @@ decoded later, in the document transform, so a bad image costs a skip, not a cra
 import io
 import json
 import logging
-import os
 import pathlib
 import stat
 
@@ -27,7 +26,8 @@ class ImageFolderSource:
     """A Hugging Face ImageFolder directory: `metadata.jsonl` rows `{"file_name", "text"}`.
 
     Bad rows (invalid UTF-8 or JSON, missing fields, an empty caption, a file that does not exist
-    or is not a regular file, a `file_name` that leaves the directory: absolute or through "..")
+    or is not a regular file, a `file_name` that leaves the directory: absolute, through "..", or
+    through a symlink pointing outside)
     are skipped with a warning naming the line, and counted in `skipped`.
     """
 
@@ -40,6 +40,7 @@ class ImageFolderSource:
                 f'needs metadata.jsonl with rows {{"file_name": ..., "text": ...}})'
             )
         self.records, self.skipped = [], 0
+        self._resolved_root = self.root.resolve()
         for line, where in _utf8_lines(metadata, self._skip):
             self._add(line, where)
         if not self.records:
@@ -53,6 +54,8 @@ class ImageFolderSource:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             return self._skip(f"{where}: not valid JSON ({e.msg}), skipped")
+        except RecursionError:
+            return self._skip(f"{where}: JSON nested too deeply, skipped")
         if not isinstance(row, dict):
             return self._skip(f"{where}: not a JSON object, skipped")
         file_name, text = row.get("file_name"), row.get("text")
@@ -60,13 +63,14 @@ class ImageFolderSource:
             return self._skip(f'{where}: no "file_name", skipped')
         if not isinstance(text, str) or not text.strip():
             return self._skip(f'{where}: empty or missing "text" caption, skipped')
-        relative = os.path.normpath(file_name)
-        if os.path.isabs(relative) or relative.split(os.sep)[0] == "..":
-            return self._skip(f"{where}: file_name {file_name!r} is outside {self.root}, skipped")
-        image = self.root / relative
+        if "\0" in file_name:
+            return self._skip(f"{where}: file_name holds a NUL character, skipped")
+        image = self.root / file_name
         problem = _not_a_regular_file(image)
         if problem:
             return self._skip(f"{where}: image {image} {problem}, skipped")
+        if not image.resolve().is_relative_to(self._resolved_root):  # "..", absolute, symlinks
+            return self._skip(f"{where}: file_name {file_name!r} is outside {self.root}, skipped")
         self.records.append((str(image), text.strip()))
 
     def _skip(self, message: str) -> None:
@@ -147,9 +151,14 @@ class TextSource:
         files = sorted(root.rglob("*")) if root.is_dir() else [root]
         self.documents, self.skipped = [], 0
         for file in files:
-            if file.suffix == ".txt":
+            if file.suffix not in (".txt", ".jsonl"):
+                continue
+            problem = _not_a_regular_file(file)
+            if problem:  # a FIFO would hang the read, /dev/zero would fill the memory
+                self._skip(f"{file} {problem}, skipped")
+            elif file.suffix == ".txt":
                 self._read_txt(file)
-            elif file.suffix == ".jsonl":
+            else:
                 self._read_jsonl(file)
         if not self.documents:
             raise ValueError(f"config field data.text_path: no text document in {root}")
@@ -177,7 +186,7 @@ class TextSource:
         for line, where in _utf8_lines(file, self._skip):
             try:
                 text = json.loads(line).get("text")
-            except (json.JSONDecodeError, AttributeError):
+            except (json.JSONDecodeError, AttributeError, RecursionError):
                 text = None
             if isinstance(text, str) and text.strip():
                 self.documents.append((text.strip(), where))

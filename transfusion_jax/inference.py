@@ -1,0 +1,284 @@
+"""From a trained run to pictures and text: `Pipeline`, the Python face of generation.
+
+    from transfusion_jax import Pipeline
+
+    pipe = Pipeline.from_workdir("workdirs/quickstart")
+    images = pipe.text_to_image(["a small red circle"], steps=100)  # PIL images
+    captions = pipe.caption(images)  # strings
+    parts = pipe.generate("a large", max_new_tokens=32)  # text and PIL images, in order
+
+It wraps `generate.Generator` (KV-cached decoding and denoising) with the run's tokenizer, and
+picks the sampler from the model's objective (DDPM for epsilon, Heun for flow) unless told;
+in pixel space DDPM/DDIM clip their x0 estimate to [-1, 1].
+"""
+
+import json
+import math
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from PIL import Image as PILImage
+from tqdm import tqdm
+
+from transfusion_jax.checkpoint import Checkpointer
+from transfusion_jax.data.images import load_image, to_uint8
+from transfusion_jax.data.tokenizer import make_tokenizer
+from transfusion_jax.diffusion import Diffusion
+from transfusion_jax.generate import Generator, SamplingOptions
+from transfusion_jax.sharding import make_mesh
+from transfusion_jax.train_step import TrainProgram
+
+SAMPLERS_FOR = {"epsilon": ("ddpm", "ddim"), "flow": ("euler", "heun")}
+
+
+class Pipeline:
+    """Text -> image, captioning and text (with images) generation for one trained model."""
+
+    def __init__(self, model, cfg, step: int | None = None):
+        self.cfg, self.step = cfg, step
+        self.tokenizer = make_tokenizer(cfg.data.tokenizer)
+        im = cfg.image
+        self.image_shape = (im.latent_size, im.latent_size, im.latent_channels)
+        self._bar = None
+        self.generator = Generator(
+            model,
+            Diffusion.from_config(cfg),
+            self.tokenizer.special,
+            self.image_shape,
+            progress=self._progress,
+            num_ids=self.tokenizer.num_ids,
+        )
+
+    @classmethod
+    def from_workdir(cls, workdir, ema: bool = False, step: int | None = None, mesh=None):
+        """The newest checkpoint that restores (or `step`), with the config stored with it;
+        `ema` takes the EMA weights; `mesh` places the weights (default: one device)."""
+        model, cfg, step = load_trained(workdir, use_ema=ema, step=step, mesh=mesh)
+        return cls(model, cfg, step)
+
+    # -- the three tasks ------------------------------------------------------------------------
+
+    def text_to_image(
+        self,
+        prompts,
+        num_per_prompt: int = 1,
+        steps: int = 250,
+        cfg_scale: float = 3.0,
+        sampler: str | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> list[PILImage.Image]:
+        """One image per prompt (a string or a list), `num_per_prompt` times, in prompt order."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        _check_positive(num_per_prompt=num_per_prompt)
+        tokens = [self._prompt(p) for p in prompts for _ in range(num_per_prompt)]
+        # One text token after the image: nothing past it is returned.
+        options = self.options(steps=steps, cfg_scale=cfg_scale, sampler=sampler, max_new_tokens=1)
+        with self._progress_bar(progress, options):
+            result = self.generator.generate(
+                tokens, jax.random.key(seed), options, force_image=True
+            )
+        return [self.to_pil(row[0]) for row in result.images]
+
+    def caption(
+        self,
+        images,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> list[str]:
+        """The text the model writes after each image: PIL images, paths, uint8 arrays
+        [h, w, 3], float arrays in [-1, 1], or a list (or batch array) of them."""
+        pixels = self._images(images)
+        options = self.options(
+            max_new_tokens=max_new_tokens,
+            max_images=0,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+        )
+        prompts = [[self.tokenizer.special.bos]] * len(pixels)
+        result = self.generator.generate(prompts, jax.random.key(seed), options, images=pixels)
+        return [self.tokenizer.decode(row).strip() for row in result.text]
+
+    def generate(
+        self,
+        prompt: str,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        max_images: int = 1,
+        steps: int = 250,
+        cfg_scale: float = 3.0,
+        sampler: str | None = None,
+        seed: int = 0,
+    ) -> list:
+        """The continuation of `prompt`: text, and an image wherever the model opens one (up to
+        `max_images`), as a list of strings and PIL images in document order."""
+        options = self.options(
+            max_new_tokens=max_new_tokens,
+            max_images=max_images,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            sampler=sampler,
+        )
+        result = self.generator.generate([self._prompt(prompt)], jax.random.key(seed), options)
+        return self._parts(result.tokens[0], result.images[0])
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def options(self, sampler: str | None = None, **kw) -> SamplingOptions:
+        """SamplingOptions with the model's default sampler, checked (ValueError names the
+        argument)."""
+        objective = self.cfg.diffusion.objective
+        valid = SAMPLERS_FOR[objective]
+        sampler = sampler or valid[0 if objective == "epsilon" else 1]
+        if sampler not in valid:
+            raise ValueError(
+                f"sampler {sampler!r}: a model trained with diffusion.objective={objective!r} "
+                f"samples with {' or '.join(valid)}"
+            )
+        cfg_scale = kw.get("cfg_scale", 1.0)
+        if not math.isfinite(cfg_scale) or cfg_scale < 0:
+            raise ValueError(f"cfg_scale {cfg_scale}: must be finite and >= 0 (1 = no guidance)")
+        _check_positive(**{k: kw[k] for k in ("steps", "max_new_tokens") if k in kw})
+        clip = 1.0 if self.cfg.data.latents == "pixels" and sampler in ("ddpm", "ddim") else None
+        return SamplingOptions(sampler=sampler, clip_x0=clip, **kw)
+
+    def to_pil(self, image: np.ndarray) -> PILImage.Image:
+        """A generated pixel-space image ([-1, 1]) as a PIL image."""
+        return PILImage.fromarray(to_uint8(image))
+
+    def _prompt(self, text: str) -> list[int]:
+        return [self.tokenizer.special.bos, *self.tokenizer.encode(text)]
+
+    def _images(self, images) -> np.ndarray:
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        elif not isinstance(images, list | tuple):
+            images = [images]
+        size = self.cfg.data.image_size
+        return np.stack([_as_model_image(x, size) for x in images])
+
+    def _parts(self, tokens: list[int], images: list[np.ndarray]) -> list:
+        special, parts, text, images = self.tokenizer.special, [], [], iter(images)
+        inside_image = False
+        for token in tokens:
+            if token == special.boi:
+                if text:
+                    parts.append(self.tokenizer.decode(text))
+                text, inside_image = [], True
+            elif token == special.eoi and inside_image:
+                parts.append(self.to_pil(next(images)))
+                inside_image = False
+            elif not inside_image:
+                text.append(token)
+        if text:
+            parts.append(self.tokenizer.decode(text))
+        return parts
+
+    def _progress(self, t) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def _progress_bar(self, show: bool, options: SamplingOptions):
+        evaluations = 2 * options.steps - 1 if options.sampler == "heun" else options.steps
+        self._bar = tqdm(total=evaluations, desc="denoising", unit="step", disable=not show)
+        return _Closing(self)
+
+
+class _Closing:
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    def __enter__(self):
+        return self.pipeline._bar
+
+    def __exit__(self, *exc):
+        self.pipeline._bar.close()
+        self.pipeline._bar = None
+
+
+def _as_model_image(image, size: int) -> np.ndarray:
+    """float32 [size, size, 3] in [-1, 1] from a path, PIL image or array."""
+    if isinstance(image, str | pathlib.Path | PILImage.Image):
+        return load_image(image, size)
+    array = np.asarray(image)
+    if array.dtype == np.uint8:
+        return load_image(PILImage.fromarray(array), size)
+    if array.shape != (size, size, 3):
+        raise ValueError(f"image of shape {array.shape}: float images must be {size}x{size}x3")
+    return array.astype(np.float32)
+
+
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} {value}: must be at least 1")
+
+
+def image_grid(images, min_cell: int = 128, border: int = 2) -> np.ndarray:
+    """Images (uint8 arrays [h, w, 3] or PIL images) tiled in a near-square grid on white, each
+    cell enlarged (nearest neighbour) to at least `min_cell` pixels so small images stay
+    visible."""
+    images = [np.asarray(x) for x in images]
+    n = len(images)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    scale = max(1, math.ceil(min_cell / images[0].shape[0]))
+    h, w = images[0].shape[0] * scale, images[0].shape[1] * scale
+    grid = np.full((rows * (h + border) + border, cols * (w + border) + border, 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        big = image.repeat(scale, axis=0).repeat(scale, axis=1)
+        top, left = border + r * (h + border), border + c * (w + border)
+        grid[top : top + h, left : left + w] = big
+    return grid
+
+
+def load_trained(workdir, use_ema: bool = False, step: int | None = None, mesh=None):
+    """(model, config, step) from a training run's directory, placed on `mesh` (default: the
+    first local device).
+
+    Restores the given step, or else the newest one that restores (a damaged latest checkpoint
+    is named in a warning and skipped), with the config stored in that checkpoint (DIR/config.json
+    for checkpoints saved before configs were stored); `use_ema` takes the EMA weights.
+    """
+    workdir = pathlib.Path(workdir)
+    checkpoints = Checkpointer(workdir / "checkpoints", keep=None, read_only=True)
+    try:
+        steps = sorted(checkpoints.manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(
+                f"--workdir {workdir}: no checkpoint in {workdir / 'checkpoints'} (is it a "
+                f"training run?)"
+            )
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"--step {step}: {workdir / 'checkpoints'} holds steps {steps}")
+        stored = checkpoints.saved_config(steps[-1] if step is None else step)
+        if stored is None:
+            config_file = workdir / "config.json"
+            if not config_file.is_file():
+                raise FileNotFoundError(f"--workdir {workdir}: no config.json")
+            stored = json.loads(config_file.read_text())
+        mesh = mesh or make_mesh(1, 1, 1, jax.local_devices()[:1])
+        program = TrainProgram(ml_collections.ConfigDict(stored), mesh)
+        if step is None:
+            step, state, _, _ = checkpoints.restore_latest(program.abstract_state())
+        else:
+            state, _ = checkpoints.restore(step, program.abstract_state())
+    finally:
+        checkpoints.close()
+    if use_ema and not state.ema_params:
+        raise ValueError(f"--workdir {workdir}: the run kept no EMA weights (train.ema_decay=0)")
+    params = state.ema_params if use_ema else state.params
+    return nnx.merge(program.graphdef, params), program.cfg, step
