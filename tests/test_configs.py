@@ -63,3 +63,17 @@ def test_pixel_space_latents_follow_the_image_size(tmp_path):
     vae.data.latents = "vae"
     with pytest.raises(ValueError, match="image.latent_size: 0 .* works in pixel space only"):
         resolve_model(vae)
+
+
+def test_configs_are_found_by_name_and_typos_are_not_replaced(tmp_path, monkeypatch):
+    from transfusion_jax.config import config_path, expand_config_flag
+
+    monkeypatch.chdir(tmp_path)  # outside the repository
+    assert config_path("tiny").read_text() == (ROOT / "configs" / "tiny.py").read_text()
+    assert config_path("configs/paper.py").name == "paper.py"
+    assert load_config("paper:7b").model.d_model == 4096
+    with pytest.raises(FileNotFoundError, match="not a shipped config"):
+        config_path("elsewhere/configs/tiny.py")  # a typo in a custom path must not train tiny
+    argv = expand_config_flag(["prog", "--config", "tiny", "--config=paper:0.76b,unet", "--x"])
+    assert argv[2].endswith("tiny.py") and argv[3].endswith("paper.py:0.76b,unet")
+    assert argv[-1] == "--x"

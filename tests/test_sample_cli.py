@@ -79,7 +79,7 @@ def test_sample_cli_refuses_bad_arguments(trained, tmp_path):
     proc = subprocess.run(
         cmd + ["--prompt", "x"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
-    assert proc.returncode != 0 and "no config.json" in proc.stderr
+    assert proc.returncode == 2 and "no checkpoint (is it a training run?)" in proc.stderr
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "exactly one of --prompt" in proc.stderr
 
@@ -201,3 +201,14 @@ def _text_runs(tokens, special):
         elif not inside:
             current.append(token)
     return [*runs, current]
+
+
+def test_pipeline_caption_reads_every_image_form_and_refuses_wrong_scales(trained):
+    pipe = Pipeline.from_workdir(trained)
+    rendered = shapes.render(shapes.scene_for_index(3, 1), 16)  # uint8 [16, 16, 3]
+    reference = pipe.caption(Image.fromarray(rendered), max_new_tokens=4)
+    as_float = rendered.astype(np.float32) / 127.5 - 1.0
+    for form in (rendered, rendered.astype(np.int64), as_float, jax.numpy.asarray(as_float)[None]):
+        assert pipe.caption(form, max_new_tokens=4) == reference
+    with pytest.raises(ValueError, match="scaled to \\[-1, 1\\]"):
+        pipe.caption(rendered.astype(np.float32), max_new_tokens=4)  # 0-255 floats

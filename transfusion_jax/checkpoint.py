@@ -11,6 +11,7 @@ Orbax itself writes each step to a temporary directory and renames it when compl
 mid-save leaves the previous steps intact.
 """
 
+import json
 import logging
 import os
 import pathlib
@@ -140,13 +141,12 @@ class Checkpointer:
 
     def saved_config(self, step: int) -> dict | None:
         """The config stored with a step (None for steps saved before configs were stored, or
-        if it cannot be read)."""
-        if not (self.directory / str(step) / "config").is_dir():
-            return None
+        if it cannot be read). Read as the plain JSON file Orbax's JSON item writes, not through
+        a restore, which would be a collective across processes."""
+        path = self.directory / str(step) / "config" / "metadata"
         try:
-            args = ocp.args.Composite(config=ocp.args.JsonRestore())
-            return self.manager.restore(step, args=args)["config"]
-        except Exception as e:  # noqa: BLE001 - a damaged step: the caller falls back
+            return json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError) as e:
             log.warning("the config of step %d cannot be read (%s)", step, first_line(e))
             return None
 
@@ -164,18 +164,20 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
         """The state at `step`, placed as `abstract_state`'s shardings say, and the data state.
         A state saved before the non-finite streak counters existed gets them as zeros."""
-        try:
+        if not self._is_legacy(step):
             return self._restore(step, abstract_state)
-        except ValueError as e:
-            legacy = {f: v for f, v in vars(abstract_state).items() if f not in STREAK_FIELDS}
-            if "structure" not in str(e).lower():
-                raise
-            try:
-                state, data = self._restore(step, legacy)
-            except Exception:  # noqa: BLE001 - not the old layout either: report the first error
-                raise e from None
-            zero = {f: jnp.zeros_like(getattr(abstract_state, f)) for f in STREAK_FIELDS}
-            return TrainState(**state, **zero), data
+        legacy = {f: v for f, v in vars(abstract_state).items() if f not in STREAK_FIELDS}
+        state, data = self._restore(step, legacy)
+        zero = {f: jnp.zeros_like(getattr(abstract_state, f)) for f in STREAK_FIELDS}
+        return TrainState(**state, **zero), data
+
+    def _is_legacy(self, step: int) -> bool:
+        """True for a state saved before the streak counters (its tree metadata lacks them)."""
+        metadata = self.directory / str(step) / "state" / "_METADATA"
+        try:
+            return STREAK_FIELDS[0].encode() not in metadata.read_bytes()
+        except OSError:
+            return False  # unreadable: the restore reports it
 
     def _restore(self, step, abstract_state):
         args = ocp.args.Composite(

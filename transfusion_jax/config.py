@@ -222,7 +222,7 @@ def config_path(name_or_path: str) -> pathlib.Path:
     path = pathlib.Path(name_or_path)
     if path.is_file():
         return path
-    if path.parent.name in ("", "configs"):
+    if path.parent in (pathlib.Path("."), pathlib.Path("configs")):  # a typo elsewhere must fail
         shipped = importlib.resources.files("transfusion_jax.configs") / f"{path.stem}.py"
         if shipped.is_file() and path.stem in shipped_configs():
             return pathlib.Path(str(shipped))
@@ -247,7 +247,7 @@ def expand_config_flag(argv: list[str]) -> list[str]:
     """argv with `--config NAME[:ARG]` made a file path, for ml_collections' config flag (which
     takes paths only)."""
     out = list(argv)
-    for i, arg in enumerate(out):
+    for i, arg in enumerate(out):  # every occurrence: absl takes the last
         if arg == "--config" and i + 1 < len(out):
             value, prefix, index = out[i + 1], "", i + 1
         elif arg.startswith("--config="):
@@ -256,7 +256,6 @@ def expand_config_flag(argv: list[str]) -> list[str]:
             continue
         path, colon, rest = value.partition(":")
         out[index] = prefix + str(config_path(path)) + colon + rest
-        break
     return out
 
 

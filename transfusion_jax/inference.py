@@ -13,6 +13,7 @@ in pixel space DDPM/DDIM clip their x0 estimate to [-1, 1].
 """
 
 import json
+import logging
 import math
 import pathlib
 
@@ -23,13 +24,16 @@ from flax import nnx
 from PIL import Image as PILImage
 from tqdm import tqdm
 
-from transfusion_jax.checkpoint import Checkpointer
+from transfusion_jax.checkpoint import Checkpointer, CheckpointRestoreError, first_line
+from transfusion_jax.config import resolve_model
 from transfusion_jax.data.images import load_image, to_uint8
 from transfusion_jax.data.tokenizer import make_tokenizer
 from transfusion_jax.diffusion import Diffusion
 from transfusion_jax.generate import Generator, SamplingOptions
 from transfusion_jax.sharding import make_mesh
 from transfusion_jax.train_step import TrainProgram
+
+log = logging.getLogger(__name__)
 
 SAMPLERS_FOR = {"epsilon": ("ddpm", "ddim"), "flow": ("euler", "heun")}
 
@@ -38,17 +42,21 @@ class Pipeline:
     """Text -> image, captioning and text (with images) generation for one trained model."""
 
     def __init__(self, model, cfg, step: int | None = None):
-        self.cfg, self.step = cfg, step
+        self.cfg = cfg = resolve_model(cfg)
+        self.step, self.model = step, model
         self.tokenizer = make_tokenizer(cfg.data.tokenizer)
         im = cfg.image
         self.image_shape = (im.latent_size, im.latent_size, im.latent_channels)
-        self._bar = None
-        self.generator = Generator(
-            model,
-            Diffusion.from_config(cfg),
+        self._bar, self._reporting = None, None
+        self.generator = self._generator(progress=None)
+
+    def _generator(self, progress) -> Generator:
+        return Generator(
+            self.model,
+            Diffusion.from_config(self.cfg),
             self.tokenizer.special,
             self.image_shape,
-            progress=self._progress,
+            progress=progress,
             num_ids=self.tokenizer.num_ids,
         )
 
@@ -77,10 +85,12 @@ class Pipeline:
         tokens = [self._prompt(p) for p in prompts for _ in range(num_per_prompt)]
         # One text token after the image: nothing past it is returned.
         options = self.options(steps=steps, cfg_scale=cfg_scale, sampler=sampler, max_new_tokens=1)
+        generator = self.generator
+        if progress:  # a host callback per denoising step: only when a bar is shown
+            self._reporting = self._reporting or self._generator(progress=self._progress)
+            generator = self._reporting
         with self._progress_bar(progress, options):
-            result = self.generator.generate(
-                tokens, jax.random.key(seed), options, force_image=True
-            )
+            result = generator.generate(tokens, jax.random.key(seed), options, force_image=True)
         return [self.to_pil(row[0]) for row in result.images]
 
     def caption(
@@ -162,10 +172,12 @@ class Pipeline:
         return [self.tokenizer.special.bos, *self.tokenizer.encode(text)]
 
     def _images(self, images) -> np.ndarray:
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            images = list(images)
-        elif not isinstance(images, list | tuple):
+        if isinstance(images, str | pathlib.Path | PILImage.Image):
             images = [images]
+        elif hasattr(images, "shape"):  # numpy or jax arrays: a batch [N, h, w, 3] or one image
+            images = list(np.asarray(images)) if np.ndim(images) == 4 else [np.asarray(images)]
+        else:
+            images = list(images)
         size = self.cfg.data.image_size
         return np.stack([_as_model_image(x, size) for x in images])
 
@@ -204,6 +216,7 @@ class _Closing:
         return self.pipeline._bar
 
     def __exit__(self, *exc):
+        jax.effects_barrier()  # the last step's callback has run before the bar closes
         self.pipeline._bar.close()
         self.pipeline._bar = None
 
@@ -213,10 +226,14 @@ def _as_model_image(image, size: int) -> np.ndarray:
     if isinstance(image, str | pathlib.Path | PILImage.Image):
         return load_image(image, size)
     array = np.asarray(image)
-    if array.dtype == np.uint8:
-        return load_image(PILImage.fromarray(array), size)
+    if array.dtype.kind in "iub":  # integer pixels: 0-255
+        if array.min(initial=0) < 0 or array.max(initial=0) > 255:
+            raise ValueError("integer images must hold pixel values in 0-255")
+        return load_image(PILImage.fromarray(array.astype(np.uint8)), size)
     if array.shape != (size, size, 3):
         raise ValueError(f"image of shape {array.shape}: float images must be {size}x{size}x3")
+    if np.abs(array).max(initial=0) > 1.01:
+        raise ValueError("float images must be scaled to [-1, 1] (uint8 images: 0-255)")
     return array.astype(np.float32)
 
 
@@ -254,9 +271,10 @@ def load_trained(workdir, use_ema: bool = False, step: int | None = None, mesh=N
     for checkpoints saved before configs were stored); `use_ema` takes the EMA weights.
     """
     workdir = pathlib.Path(workdir)
+    mesh = mesh or make_mesh(1, 1, 1, jax.local_devices()[:1])
     checkpoints = Checkpointer(workdir / "checkpoints", keep=None, read_only=True)
     try:
-        steps = sorted(checkpoints.manager.all_steps())
+        steps = sorted(checkpoints.manager.all_steps(), reverse=True)
         if not steps:
             raise FileNotFoundError(
                 f"--workdir {workdir}: no checkpoint in {workdir / 'checkpoints'} (is it a "
@@ -264,21 +282,43 @@ def load_trained(workdir, use_ema: bool = False, step: int | None = None, mesh=N
             )
         if step is not None and step not in steps:
             raise FileNotFoundError(f"--step {step}: {workdir / 'checkpoints'} holds steps {steps}")
-        stored = checkpoints.saved_config(steps[-1] if step is None else step)
-        if stored is None:
-            config_file = workdir / "config.json"
-            if not config_file.is_file():
-                raise FileNotFoundError(f"--workdir {workdir}: no config.json")
-            stored = json.loads(config_file.read_text())
-        mesh = mesh or make_mesh(1, 1, 1, jax.local_devices()[:1])
-        program = TrainProgram(ml_collections.ConfigDict(stored), mesh)
-        if step is None:
-            step, state, _, _ = checkpoints.restore_latest(program.abstract_state())
+        first_error = None
+        for candidate in (
+            [step] if step is not None else steps
+        ):  # newest first, each with its config
+            program = TrainProgram(
+                ml_collections.ConfigDict(_config_of(checkpoints, candidate, workdir)), mesh
+            )
+            try:
+                state, _ = checkpoints.restore(candidate, program.abstract_state())
+            except Exception as e:  # noqa: BLE001 - damaged: try the step before
+                if step is not None:
+                    raise
+                log.warning(
+                    "checkpoint of step %d cannot be restored (%s)", candidate, first_line(e)
+                )
+                first_error = first_error or e
+                continue
+            step = candidate
+            break
         else:
-            state, _ = checkpoints.restore(step, program.abstract_state())
+            raise CheckpointRestoreError(
+                f"--workdir {workdir}: no checkpoint can be restored ({first_line(first_error)})"
+            )
     finally:
         checkpoints.close()
     if use_ema and not state.ema_params:
         raise ValueError(f"--workdir {workdir}: the run kept no EMA weights (train.ema_decay=0)")
     params = state.ema_params if use_ema else state.params
     return nnx.merge(program.graphdef, params), program.cfg, step
+
+
+def _config_of(checkpoints, step: int, workdir: pathlib.Path) -> dict:
+    """The config stored with a step, or DIR/config.json for steps saved before 0.2."""
+    stored = checkpoints.saved_config(step)
+    if stored is not None:
+        return stored
+    config_file = workdir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--workdir {workdir}: no config.json")
+    return json.loads(config_file.read_text())

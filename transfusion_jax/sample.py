@@ -18,6 +18,7 @@ import sys
 
 from PIL import Image
 
+from transfusion_jax.checkpoint import Checkpointer
 from transfusion_jax.data.tokenizer import make_tokenizer
 from transfusion_jax.inference import SAMPLERS_FOR, Pipeline, image_grid
 from transfusion_jax.samplers import METHODS
@@ -41,10 +42,7 @@ def check_arguments(args, parser) -> None:
         parser.error(f"--cfg_scale {args.cfg_scale}: must be finite and >= 0 (1 = no guidance)")
     if args.step is not None and args.step < 0:
         parser.error(f"--step {args.step}: must be a checkpoint's step number")
-    config_file = pathlib.Path(args.workdir) / "config.json"
-    if not config_file.is_file():
-        parser.error(f"--workdir {args.workdir}: no config.json (is it a training run?)")
-    cfg = json.loads(config_file.read_text())
+    cfg = _stored_config(args, parser)
     objective = cfg["diffusion"]["objective"]
     valid = SAMPLERS_FOR[objective]
     args.sampler = args.sampler or valid[0 if objective == "epsilon" else 1]
@@ -78,6 +76,24 @@ def check_arguments(args, parser) -> None:
             f"{what}: the context would need {needed} positions, but the model was trained on "
             f"rows of {seq_len} (data.seq_len); shorten it"
         )
+
+
+def _stored_config(args, parser) -> dict:
+    """The config of the checkpoint that will load (JSON only, no model): the one stored with
+    it, else DIR/config.json."""
+    checkpoints = Checkpointer(pathlib.Path(args.workdir) / "checkpoints", None, read_only=True)
+    try:
+        steps = checkpoints.manager.all_steps()
+        step = args.step if args.step is not None else max(steps, default=None)
+        stored = None if step is None else checkpoints.saved_config(step)
+    finally:
+        checkpoints.close()
+    if stored is not None:
+        return stored
+    config_file = pathlib.Path(args.workdir) / "config.json"
+    if not config_file.is_file():
+        parser.error(f"--workdir {args.workdir}: no checkpoint (is it a training run?)")
+    return json.loads(config_file.read_text())
 
 
 def main(argv=None):
@@ -114,6 +130,7 @@ def main(argv=None):
 
     try:
         pipe = Pipeline.from_workdir(args.workdir, ema=args.ema, step=args.step)
+        pipe.options(sampler=args.sampler, cfg_scale=args.cfg_scale, steps=args.steps)
     except (FileNotFoundError, ValueError, RunError) as e:
         parser.exit(2, f"error: {e}\n")
     print(f"loaded {args.workdir} at step {pipe.step}", file=sys.stderr)

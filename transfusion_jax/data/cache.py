@@ -16,6 +16,7 @@ from absl import app, flags
 from array_record.python.array_record_module import ArrayRecordWriter
 from ml_collections import config_flags
 
+from transfusion_jax.config import expand_config_flag
 from transfusion_jax.data.documents import Skipped, decode_image
 from transfusion_jax.data.images import DEFAULT_MAX_PIXELS, to_latent
 from transfusion_jax.data.sources import encode_record, open_source
@@ -55,4 +56,9 @@ if __name__ == "__main__":  # flags are defined only for the command, not on imp
     config_flags.DEFINE_config_file("config", None, "Config whose data.* names the source.")
     flags.DEFINE_string("out", None, "The ArrayRecord file to write.")
     flags.mark_flags_as_required(["config", "out"])
-    sys.exit(app.run(main))
+    try:
+        argv = expand_config_flag(sys.argv)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(app.run(main, argv=argv))

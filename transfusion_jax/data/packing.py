@@ -157,4 +157,4 @@ class PackedBatches:
             self._emitted = state["rows_emitted"]
         else:
             self._window_state = state["documents"]
-            self._skipped_before_window = state["skipped_before_window"]
+            self._skipped_before_window = skipped
