@@ -1,8 +1,42 @@
-"""Tests run on CPU with 8 simulated devices (set before jax is imported)."""
+"""Tests run on CPU with 8 simulated devices (set before jax is imported).
+
+`pytest -m "not slow"` is the fast subset (about a minute on 2 cores): everything that trains,
+runs a command line or generates through a trained model is marked slow, here by module and by
+name, so the marks sit in one place.
+"""
 
 import os
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
+
+SLOW_MODULES = {
+    "test_cli",
+    "test_faults",
+    "test_generate",
+    "test_multiprocess",
+    "test_overfit",
+    "test_readme",
+    "test_sample_cli",
+    "test_training",
+}
+SLOW_TESTS = {
+    "test_pixel_space_latents_follow_the_image_size",
+    "test_text_cached_and_tfds_sources_train_through_the_trainer",
+    "test_corrupt_folder_trains_on",
+    "test_worker_processes_give_the_same_batches",
+    "test_scanned_layers_equal_a_python_loop",
+    "test_loss_is_zero_for_a_perfect_predictor",
+    "test_scorer_reads_every_rendered_scene",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in SLOW_MODULES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)

@@ -226,3 +226,32 @@ def test_logged_throughput_matches_the_wall_clock(tmp_path, monkeypatch):
     logged_seconds = sum(tokens / len(records) / r["tokens_per_s"] for r in records)
     wall_seconds = written[-1] - written[0]
     assert 0.8 < logged_seconds / wall_seconds <= 1.0 + 1e-6, (logged_seconds, wall_seconds)
+
+
+def test_wandb_logging_continues_one_run_per_workdir(tmp_path, monkeypatch):
+    """Against a stand-in wandb module that records what the trainer sends."""
+    import sys
+    import types
+
+    calls = []
+    run = types.SimpleNamespace(
+        log=lambda data, step: calls.append(("log", step, data)),
+        finish=lambda: calls.append(("finish",)),
+    )
+    fake = types.SimpleNamespace(
+        init=lambda **kw: calls.append(("init", kw)) or run,
+        util=types.SimpleNamespace(generate_id=lambda: "run-id-1"),
+    )
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = small_config()
+    cfg.train.update(num_steps=4, log_every=2, checkpoint_every=2, wandb_project="proj")
+    train(cfg, tmp_path, stop_at_step=2)
+    train(cfg, tmp_path)
+    inits = [c[1] for c in calls if c[0] == "init"]
+    assert [i["id"] for i in inits] == ["run-id-1", "run-id-1"] and inits[0]["project"] == "proj"
+    assert all(i["resume"] == "allow" for i in inits)
+    logged = [(c[1], c[2]) for c in calls if c[0] == "log"]
+    records = read_metrics(tmp_path)
+    assert [s for s, _ in logged] == [r["step"] for r in records] == [2, 4]
+    assert logged[-1][1]["loss"] == records[-1]["loss"]
+    assert [c[0] for c in calls].count("finish") == 2

@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
     # whose every step explodes is not training, and its checkpoints would rotate out good ones.
     c.train.max_nonfinite_streak = 10
     c.train.tensorboard = False  # Also write TensorBoard event files (needs tensorboardX).
+    c.train.wandb_project = ""  # Also log to this Weights & Biases project (needs wandb).
     c.train.peak_tflops = 0.0  # Per-device peak for MFU; 0 = look the device up (or no MFU).
 
     c.mesh = ml_collections.ConfigDict()

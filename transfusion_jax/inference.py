@@ -29,6 +29,7 @@ from transfusion_jax.config import resolve_model
 from transfusion_jax.data.images import load_image, to_uint8
 from transfusion_jax.data.tokenizer import make_tokenizer
 from transfusion_jax.diffusion import Diffusion
+from transfusion_jax.export import load_exported
 from transfusion_jax.generate import Generator, SamplingOptions
 from transfusion_jax.sharding import make_mesh
 from transfusion_jax.train_step import TrainProgram
@@ -263,14 +264,18 @@ def image_grid(images, min_cell: int = 128, border: int = 2) -> np.ndarray:
 
 
 def load_trained(workdir, use_ema: bool = False, step: int | None = None, mesh=None):
-    """(model, config, step) from a training run's directory, placed on `mesh` (default: the
-    first local device).
+    """(model, config, step) from a training run's directory (or a file written by
+    `transfusion_jax.export`), placed on `mesh` (default: the first local device).
 
     Restores the given step, or else the newest one that restores (a damaged latest checkpoint
     is named in a warning and skipped), with the config stored in that checkpoint (DIR/config.json
     for checkpoints saved before configs were stored); `use_ema` takes the EMA weights.
     """
     workdir = pathlib.Path(workdir)
+    if workdir.suffix == ".safetensors" and workdir.is_file():  # an export (export.py)
+        if use_ema or step is not None:
+            raise ValueError(f"{workdir}: an export holds one set of weights (no ema, no step)")
+        return load_exported(workdir, mesh)
     mesh = mesh or make_mesh(1, 1, 1, jax.local_devices()[:1])
     checkpoints = Checkpointer(workdir / "checkpoints", keep=None, read_only=True)
     try:

@@ -63,11 +63,30 @@ def launched_as_several_processes() -> bool:
 
 
 class MetricsWriter:
-    """metrics.jsonl (always) and TensorBoard event files (train.tensorboard, via tensorboardX)."""
+    """metrics.jsonl (always), TensorBoard event files (train.tensorboard, via tensorboardX) and
+    Weights & Biases (train.wandb_project; one W&B run per workdir, continued on resume)."""
 
-    def __init__(self, workdir: pathlib.Path, tensorboard: bool):
+    def __init__(self, workdir: pathlib.Path, tensorboard: bool, wandb_project: str = "", cfg=None):
         self.path = workdir / "metrics.jsonl"
-        self.tb = None
+        self.tb = self.wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError(
+                    "config field train.wandb_project needs wandb: "
+                    "pip install 'transfusion_jax[wandb]'"
+                ) from e
+            id_file = workdir / "wandb_id"
+            if not id_file.is_file():
+                id_file.write_text(wandb.util.generate_id() + "\n")
+            self.wandb = wandb.init(
+                project=wandb_project,
+                id=id_file.read_text().strip(),
+                resume="allow",
+                dir=str(workdir),
+                config=None if cfg is None else cfg.to_dict(),
+            )
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -93,6 +112,13 @@ class MetricsWriter:
                 if key != "step" and isinstance(value, int | float):
                     self.tb.add_scalar(key, value, record["step"])
             self.tb.flush()
+        if self.wandb is not None:
+            numbers = {k: v for k, v in record.items() if isinstance(v, int | float)}
+            self.wandb.log(numbers, step=record["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 class PreemptionFlag:
@@ -259,7 +285,9 @@ def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step) -> dict:
     mfu_scale = flops_per_token / (peak * 1e12 * mesh.devices.size) if peak else 0.0
 
     # -- loop ---------------------------------------------------------------------------------
-    writer = MetricsWriter(workdir, t.tensorboard) if jax.process_index() == 0 else None
+    writer = None
+    if jax.process_index() == 0:
+        writer = MetricsWriter(workdir, t.tensorboard, t.wandb_project, cfg)
     saved_config = config_as_json(cfg)
     preemption = PreemptionFlag()
     step = int(state.step)
@@ -302,6 +330,8 @@ def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step) -> dict:
         checkpoints.check_saved(wait=True)
     finally:
         preemption.restore()
+        if writer is not None:
+            writer.close()
     return last_logged
 
 

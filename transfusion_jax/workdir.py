@@ -74,6 +74,7 @@ RESUMABLE_KEYS = (
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.tensorboard",
+    "train.wandb_project",
     "train.peak_tflops",
     "train.nan_policy",
     "train.max_nonfinite_streak",
