@@ -77,3 +77,13 @@ def test_configs_are_found_by_name_and_typos_are_not_replaced(tmp_path, monkeypa
     argv = expand_config_flag(["prog", "--config", "tiny", "--config=paper:0.76b,unet", "--x"])
     assert argv[2].endswith("tiny.py") and argv[3].endswith("paper.py:0.76b,unet")
     assert argv[-1] == "--x"
+
+
+def test_every_config_key_says_what_it_means():
+    from transfusion_jax.config import base_config, describe, key_meanings
+
+    meanings = key_meanings()
+    keys = {f"{s}.{k}" for s, values in base_config().items() for k in values}
+    assert keys == set(meanings)
+    assert [k for k in keys if len(meanings[k]) < 8] == []
+    assert "optimizer.b2 = 0.95  # Adam beta2." in describe(base_config()).splitlines()

@@ -342,3 +342,21 @@ def test_text_cached_and_tfds_sources_train_through_the_trainer(tmp_path, monkey
         cfg.mesh.fsdp = 1
         record = train(cfg, tmp_path / name, devices=jax.devices()[:1])
         assert record["step"] == 2 and np.isfinite(record["lm_loss"]), name
+
+
+@pytest.mark.parametrize(
+    "caption, expected",
+    [
+        (b"a photo", "a photo"),
+        (np.bytes_(b"a photo"), "a photo"),
+        (np.array(b"a photo", dtype=object), "a photo"),  # 0-d object array
+        (np.array([b"one", b"two"], dtype=object), ["one", "two"]),  # a Sequence(Text) feature
+        (np.array([b"one", b"two"]), ["one", "two"]),  # fixed-width byte strings
+        ([b"one", "two"], ["one", "two"]),
+        (b"caf\xe9", "caf\ufffd"),
+    ],
+)
+def test_tfds_text_fields_arrive_as_str(caption, expected):
+    from transfusion_jax.data.sources import as_text
+
+    assert as_text(caption) == expected

@@ -1,13 +1,17 @@
 """Every configuration key with its default, and the checks that turn bad values into clear errors.
 
 Config files in `configs/` start from `base_config()` and override what they change, so a key is
-documented once, here.
+documented once, here, by the comment on (or just above) its line.
+
+  python -m transfusion_jax.configs tiny       # every key: its value in that config and meaning
 """
 
 import importlib.resources
 import importlib.util
+import inspect
 import math
 import pathlib
+import re
 
 import ml_collections
 
@@ -22,19 +26,18 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.vocab_size = 32_000 + 128  # Llama-2 32K + special tokens, padded to a multiple of 128.
-    c.model.d_model = 768
-    c.model.depth = 16
-    c.model.num_heads = 12
-    c.model.num_kv_heads = (
-        0  # 0 = num_heads (plain multi-head attention); fewer = grouped KV heads.
-    )
+    c.model.d_model = 768  # Width of the residual stream.
+    c.model.depth = 16  # Transformer layers.
+    c.model.num_heads = 12  # Attention (query) heads.
+    # 0 = num_heads (plain multi-head attention); fewer = grouped KV heads.
+    c.model.num_kv_heads = 0
     c.model.head_dim = 0  # 0 = d_model // num_heads.
     c.model.ffn_dim = 0  # 0 = the Llama-2 rule, llama_ffn_dim(d_model).
     c.model.qk_norm = False  # The paper has none (it was one of Chameleon's stability changes).
-    c.model.tie_embeddings = False
-    c.model.rope_theta = 10_000.0
-    c.model.norm_eps = 1e-5
-    c.model.param_dtype = "float32"
+    c.model.tie_embeddings = False  # Share the input embedding with the output head.
+    c.model.rope_theta = 10_000.0  # RoPE base frequency.
+    c.model.norm_eps = 1e-5  # RMSNorm epsilon.
+    c.model.param_dtype = "float32"  # Master weights (and optimizer state) dtype.
     c.model.dtype = "float32"  # Compute dtype: "bfloat16" for mixed precision with f32 weights.
     # Which activations the backward pass keeps (see transformer.REMAT_POLICIES).
     c.model.remat_policy = "dots_with_no_batch_dims"
@@ -58,23 +61,23 @@ def base_config() -> ml_collections.ConfigDict:
     # Self-attention after each ResNet block at levels of at most this many pixels a side (full
     # attention over 32x32 positions costs more than the rest of a small U-Net; 0 = none).
     c.patch.unet_attention_resolution = 16
-    c.patch.unet_head_dim = 64
+    c.patch.unet_head_dim = 64  # U-Net only: width of each attention head.
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.objective = "epsilon"  # "epsilon" (the paper, DDPM) or "flow" (rectified flow).
-    c.diffusion.num_timesteps = 1000
+    c.diffusion.num_timesteps = 1000  # T, the DDPM schedule's steps (flow: time resolution).
     c.diffusion.loss_weight = 5.0  # lambda in L = L_LM + lambda * L_diffusion.
     c.diffusion.noise_limit = 500  # Images flagged `noise_limited` draw t < noise_limit.
     c.diffusion.cond_drop_rate = 0.1  # Caption dropout for classifier-free guidance.
 
     c.train = ml_collections.ConfigDict()
-    c.train.num_steps = 250_000
+    c.train.num_steps = 250_000  # Optimizer steps of the whole run.
     c.train.batch_size = 512  # Global, in packed rows (512 x 4096 = the paper's 2M tokens).
     c.train.grad_accum_steps = 1  # Micro-batches per optimizer step (each batch_size / this).
-    c.train.log_every = 50
-    c.train.checkpoint_every = 1000
-    c.train.keep_checkpoints = 3
-    c.train.seed = 0
+    c.train.log_every = 50  # Steps between metrics records (and progress lines).
+    c.train.checkpoint_every = 1000  # Steps between checkpoints (and at the end).
+    c.train.keep_checkpoints = 3  # Newest checkpoints kept (older ones are deleted).
+    c.train.seed = 0  # Seeds the weights, the data order and the diffusion noise.
     c.train.ema_decay = 0.0  # 0 = no EMA copy of the weights; e.g. 0.9999 keeps one.
     c.train.nan_policy = "stop"  # A non-finite loss is never applied; "stop" ends the run, "skip"
     # goes on (the step is skipped and counted in nonfinite_steps).
@@ -91,15 +94,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.tensor = 1  # Tensor parallelism over heads and MLP width.
 
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.peak_lr = 3e-4
-    c.optimizer.min_lr = 1.5e-5
-    c.optimizer.warmup_steps = 4000
+    c.optimizer.peak_lr = 3e-4  # AdamW learning rate after warm-up.
+    c.optimizer.min_lr = 1.5e-5  # End of the cosine decay.
+    c.optimizer.warmup_steps = 4000  # Linear warm-up from 0.
     c.optimizer.decay_steps = 0  # 0 = train.num_steps.
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.95
-    c.optimizer.eps = 1e-8
-    c.optimizer.weight_decay = 0.1
-    c.optimizer.clip_norm = 1.0
+    c.optimizer.b1 = 0.9  # Adam beta1.
+    c.optimizer.b2 = 0.95  # Adam beta2.
+    c.optimizer.eps = 1e-8  # Adam epsilon.
+    c.optimizer.weight_decay = 0.1  # Decoupled, on matrices and embeddings only.
+    c.optimizer.clip_norm = 1.0  # Global gradient-norm clip.
 
     c.data = ml_collections.ConfigDict()
     # "shapes" (built in), "imagefolder" (data.path), "tfds" (data.tfds_*), "text"
@@ -107,17 +110,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.source = "shapes"
     c.data.seq_len = 4096  # L, the packed row length.
     c.data.path = ""  # imagefolder: the directory holding metadata.jsonl.
-    c.data.tfds_name = "coco_captions"
-    c.data.tfds_split = "train"
+    c.data.tfds_name = "coco_captions"  # tfds: the prepared dataset's name.
+    c.data.tfds_split = "train"  # tfds: the split to read.
     c.data.tfds_data_dir = ""  # "" = TFDS's default (~/tensorflow_datasets).
-    c.data.tfds_image_key = "image"
+    c.data.tfds_image_key = "image"  # tfds: the image feature.
     c.data.tfds_caption_key = "captions/text"  # "/" reaches into nested features.
     c.data.text_path = ""  # .txt / .jsonl corpus (file or directory) of text-only documents.
     c.data.text_ratio = 1.0  # Text-only positions per image-caption position (the paper: 1:1).
     c.data.tokenizer = "bytes"  # "bytes", "sentencepiece:PATH" or "tiktoken:PATH".
     c.data.image_size = 256  # Images are resized (short side) and centre-cropped to this.
     c.data.latents = "pixels"  # What the model sees of an image (pixels until a VAE is set).
-    c.data.max_caption_tokens = 128
+    c.data.max_caption_tokens = 128  # Captions are cut to this many tokens.
     # Images with more pixels are skipped before decoding (a small PNG can decode to gigabytes).
     c.data.max_image_pixels = 64_000_000
     c.data.caption_first_prob = 0.8  # Caption-first (text->image) vs image-first (captioning).
@@ -263,3 +266,30 @@ def expand_config_flag(argv: list[str]) -> list[str]:
 def _check(ok: bool, field: str, why: str) -> None:
     if not ok:
         raise ValueError(f"config field {field}: {why}")
+
+
+def key_meanings() -> dict:
+    """key -> meaning, from the comments on (or just above) each line of base_config."""
+    meanings, pending = {}, []
+    for line in inspect.getsource(base_config).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            pending.append(stripped.lstrip("# "))
+            continue
+        match = re.match(r"c\.(\w+)\.(\w+) = [^#]*?(?:#\s*(.*))?$", stripped)
+        if match and not match.group(0).endswith("ConfigDict()"):
+            meaning = " ".join([*pending, match.group(3) or ""]).strip()
+            meanings[f"{match.group(1)}.{match.group(2)}"] = meaning
+        pending = [] if stripped else pending
+    return meanings
+
+
+def describe(cfg: ml_collections.ConfigDict) -> str:
+    """One line per key: `section.key = value  # meaning`."""
+    meanings = key_meanings()
+    lines = []
+    for section, values in cfg.items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            lines.append(f"{name} = {value!r}  # {meanings.get(name, '')}".rstrip(" #"))
+    return "\n".join(lines)

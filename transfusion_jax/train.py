@@ -3,6 +3,7 @@
   python -m transfusion_jax.train --config configs/tiny.py --workdir workdirs/tiny \
       --config.train.num_steps=200
 
+`python -m transfusion_jax.configs tiny` lists every config key with its value and meaning.
 The run writes DIR/config.json (the resolved config), appends one JSON line per logging step to
 DIR/metrics.jsonl and keeps checkpoints in DIR/checkpoints. Starting again in the same DIR resumes
 from the latest checkpoint, on whatever mesh the config now asks for. SIGTERM or SIGINT (a

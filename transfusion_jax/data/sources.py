@@ -115,7 +115,7 @@ class TfdsSource:
         example = self.source[index]
         return {
             "image": _field(example, self.image_key, self.name),
-            "text": _field(example, self.caption_key, self.name),
+            "text": as_text(_field(example, self.caption_key, self.name)),
             "origin": f"{self.name}[{index}]",
         }
 
@@ -126,14 +126,21 @@ def _field(example, key: str, name: str):
         if not isinstance(value, dict) or part not in value:
             raise KeyError(f"{name}: no field {key!r} (set data.tfds_image_key/caption_key)")
         value = value[part]
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return value  # encoded image bytes
-    if hasattr(value, "dtype") and value.dtype.kind in "SO":  # arrays of byte strings
-        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value.tolist()]
     return value
+
+
+def as_text(value):
+    """A caption field as str, or a list of str for several captions. `tfds.data_source`
+    returns text as bytes (numpy byte strings, object arrays of bytes for sequences); invalid
+    UTF-8 becomes U+FFFD rather than failing the run."""
+    if isinstance(value, bytes):  # also numpy.bytes_
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, np.ndarray):
+        value = value.tolist()  # a 0-d array gives its one element
+        return as_text(value) if not isinstance(value, list) else [as_text(v) for v in value]
+    if isinstance(value, list | tuple):
+        return [as_text(v) for v in value]
+    return str(value)
 
 
 class TextSource:
