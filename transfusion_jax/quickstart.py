@@ -11,19 +11,18 @@
 
 import json
 import pathlib
-import sys
 
 import numpy as np
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from transfusion_jax.config import config_path, expand_config_flag
+from transfusion_jax import cli
+from transfusion_jax.config import config_path
 from transfusion_jax.data import shapes
 from transfusion_jax.data.images import array_to_image, to_uint8
 from transfusion_jax.inference import Pipeline, image_grid
-from transfusion_jax.train import is_user_error, train
+from transfusion_jax.train import train
 
 HELD_OUT_SEED = 987_654  # scenes drawn with another seed than training's
 
@@ -91,22 +90,12 @@ def define_flags() -> None:
     flags.DEFINE_float("cfg_scale", 3.0, "Classifier-free guidance scale.")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.WARNING)
+def main():
     f = flags.FLAGS
     cfg = f.config
     if f.train_steps:
         cfg.train.num_steps = f.train_steps
-    try:
-        train(cfg, f.workdir)
-    except Exception as e:
-        if not is_user_error(e):
-            raise
-        print(f"error: {str(e).strip(chr(39))}", file=sys.stderr)
-        sys.exit(getattr(e, "exit_status", 2))
+    train(cfg, f.workdir)
     num, workdir = f.num, f.workdir
     report = evaluate(workdir, num, f.steps, f.cfg_scale)
     out = pathlib.Path(workdir) / "samples"
@@ -122,9 +111,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    try:
-        argv = expand_config_flag(sys.argv)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    app.run(main, argv=argv)
+    cli.run(main)

@@ -14,20 +14,19 @@ import json
 import os
 import pathlib
 import signal
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import flags
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
+from transfusion_jax import cli
 from transfusion_jax import sharding as shd
 from transfusion_jax.checkpoint import Checkpointer
-from transfusion_jax.config import expand_config_flag, resolve_model
+from transfusion_jax.config import resolve_model
 from transfusion_jax.data import make_source
 from transfusion_jax.flops import device_peak_tflops, model_flops_per_token
 from transfusion_jax.model import parameter_counts
@@ -423,24 +422,7 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
 
-def is_user_error(error: BaseException) -> bool:
-    """Errors that say what to fix in one line: ours, and checks that name a config field or
-    a flag. Set TRANSFUSION_DEBUG=1 to see their tracebacks too."""
-    if os.environ.get("TRANSFUSION_DEBUG"):
-        return False
-    if isinstance(error, RunError):
-        return True
-    message = str(error)
-    return isinstance(error, ValueError | FileNotFoundError | KeyError) and (
-        message.startswith(("config field", "--", "'config field"))
-    )
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # Orbax logs ~60 INFO lines a save; -v 0 shows them
-        absl_logging.set_verbosity(absl_logging.WARNING)
+def main():
     if launched_as_several_processes():
         env = os.environ  # explicit launch: JAX_COORDINATOR_ADDRESS + these two; else detected
         if env.get("JAX_NUM_PROCESSES"):
@@ -449,21 +431,10 @@ def main(argv):
             )
         else:
             jax.distributed.initialize()
-    try:
-        f = flags.FLAGS
-        train(f.config, f.workdir, allow_config_change=f.allow_config_change)
-    except Exception as e:
-        if not is_user_error(e):
-            raise
-        print(f"error: {str(e).strip(chr(39))}", file=sys.stderr)
-        sys.exit(getattr(e, "exit_status", 2))
+    f = flags.FLAGS
+    train(f.config, f.workdir, allow_config_change=f.allow_config_change)
 
 
 if __name__ == "__main__":
     define_flags()
-    try:
-        argv = expand_config_flag(sys.argv)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    app.run(main, argv=argv)
+    cli.run(main)

@@ -10,13 +10,12 @@ pickle): `latent` float16 [h, w, c] and `texts`.
 """
 
 import logging
-import sys
 
-from absl import app, flags
+from absl import flags
 from array_record.python.array_record_module import ArrayRecordWriter
 from ml_collections import config_flags
 
-from transfusion_jax.config import expand_config_flag
+from transfusion_jax import cli
 from transfusion_jax.data.documents import Skipped, decode_image
 from transfusion_jax.data.images import DEFAULT_MAX_PIXELS, to_latent
 from transfusion_jax.data.sources import encode_record, open_source
@@ -43,8 +42,7 @@ def write_cache(
     return written, skipped
 
 
-def main(argv):
-    del argv
+def main():
     cfg, out = flags.FLAGS.config, flags.FLAGS.out
     records = open_source(cfg)
     d = cfg.data
@@ -56,9 +54,4 @@ if __name__ == "__main__":  # flags are defined only for the command, not on imp
     config_flags.DEFINE_config_file("config", None, "Config whose data.* names the source.")
     flags.DEFINE_string("out", None, "The ArrayRecord file to write.")
     flags.mark_flags_as_required(["config", "out"])
-    try:
-        argv = expand_config_flag(sys.argv)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(app.run(main, argv=argv))
+    cli.run(main)
