@@ -150,6 +150,16 @@ class Checkpointer:
             log.warning("the config of step %d cannot be read (%s)", step, first_line(e))
             return None
 
+    def config_of(self, step: int) -> dict | None:
+        """The config that trained `step`: the one stored with it, else (a checkpoint from
+        before configs were stored) the run's config.json beside the checkpoints; None if
+        neither exists."""
+        stored = self.saved_config(step)
+        if stored is not None:
+            return stored
+        config_file = self.directory.parent / "config.json"
+        return json.loads(config_file.read_text()) if config_file.is_file() else None
+
     def set_aside(self, step: int, where: pathlib.Path) -> pathlib.Path:
         """Moves a damaged step out of Orbax's directory (kept for inspection, never deleted:
         a step set aside twice gets a numbered name), so the run can save that step again."""

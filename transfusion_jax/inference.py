@@ -12,7 +12,7 @@ picks the sampler from the model's objective (DDPM for epsilon, Heun for flow) u
 in pixel space DDPM/DDIM clip their x0 estimate to [-1, 1].
 """
 
-import json
+import contextlib
 import logging
 import math
 import pathlib
@@ -203,23 +203,16 @@ class Pipeline:
         if self._bar is not None:
             self._bar.update(1)
 
+    @contextlib.contextmanager
     def _progress_bar(self, show: bool, options: SamplingOptions):
         evaluations = 2 * options.steps - 1 if options.sampler == "heun" else options.steps
         self._bar = tqdm(total=evaluations, desc="denoising", unit="step", disable=not show)
-        return _Closing(self)
-
-
-class _Closing:
-    def __init__(self, pipeline):
-        self.pipeline = pipeline
-
-    def __enter__(self):
-        return self.pipeline._bar
-
-    def __exit__(self, *exc):
-        jax.effects_barrier()  # the last step's callback has run before the bar closes
-        self.pipeline._bar.close()
-        self.pipeline._bar = None
+        try:
+            yield self._bar
+        finally:
+            jax.effects_barrier()  # the last step's callback has run before the bar closes
+            self._bar.close()
+            self._bar = None
 
 
 def _as_model_image(image, size: int) -> np.ndarray:
@@ -288,12 +281,12 @@ def load_trained(workdir, use_ema: bool = False, step: int | None = None, mesh=N
         if step is not None and step not in steps:
             raise FileNotFoundError(f"--step {step}: {workdir / 'checkpoints'} holds steps {steps}")
         first_error = None
-        for candidate in (
-            [step] if step is not None else steps
-        ):  # newest first, each with its config
-            program = TrainProgram(
-                ml_collections.ConfigDict(_config_of(checkpoints, candidate, workdir)), mesh
-            )
+        candidates = [step] if step is not None else steps  # newest first
+        for candidate in candidates:  # each restored with the config that trained it
+            stored = checkpoints.config_of(candidate)
+            if stored is None:
+                raise FileNotFoundError(f"--workdir {workdir}: no config.json")
+            program = TrainProgram(ml_collections.ConfigDict(stored), mesh)
             try:
                 state, _ = checkpoints.restore(candidate, program.abstract_state())
             except Exception as e:  # noqa: BLE001 - damaged: try the step before
@@ -316,14 +309,3 @@ def load_trained(workdir, use_ema: bool = False, step: int | None = None, mesh=N
         raise ValueError(f"--workdir {workdir}: the run kept no EMA weights (train.ema_decay=0)")
     params = state.ema_params if use_ema else state.params
     return nnx.merge(program.graphdef, params), program.cfg, step
-
-
-def _config_of(checkpoints, step: int, workdir: pathlib.Path) -> dict:
-    """The config stored with a step, or DIR/config.json for steps saved before 0.2."""
-    stored = checkpoints.saved_config(step)
-    if stored is not None:
-        return stored
-    config_file = workdir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"--workdir {workdir}: no config.json")
-    return json.loads(config_file.read_text())

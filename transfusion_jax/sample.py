@@ -11,7 +11,6 @@ checked before the model loads.
 """
 
 import argparse
-import json
 import math
 import pathlib
 import sys
@@ -85,15 +84,12 @@ def _stored_config(args, parser) -> dict:
     try:
         steps = checkpoints.manager.all_steps()
         step = args.step if args.step is not None else max(steps, default=None)
-        stored = None if step is None else checkpoints.saved_config(step)
+        stored = None if step is None else checkpoints.config_of(step)
     finally:
         checkpoints.close()
-    if stored is not None:
-        return stored
-    config_file = pathlib.Path(args.workdir) / "config.json"
-    if not config_file.is_file():
+    if stored is None:
         parser.error(f"--workdir {args.workdir}: no checkpoint (is it a training run?)")
-    return json.loads(config_file.read_text())
+    return stored
 
 
 def main(argv=None):

@@ -193,16 +193,13 @@ def _check_resume_config(cfg, workdir, checkpoints, allow_change: bool) -> Confi
     latest = checkpoints.latest_step()
     if latest is None:
         return None
-    saved = checkpoints.saved_config(latest)
-    if saved is None:  # a checkpoint from before configs were stored in them
-        saved_file = workdir / "config.json"
-        if not saved_file.is_file():
-            raise ConfigChangedError(
-                f"--workdir {workdir}: the checkpoint of step {latest} stores no config and "
-                f"config.json is missing, so the resume cannot be checked; restore config.json "
-                f"or give a new --workdir"
-            )
-        saved = json.loads(saved_file.read_text())
+    saved = checkpoints.config_of(latest)
+    if saved is None:
+        raise ConfigChangedError(
+            f"--workdir {workdir}: the checkpoint of step {latest} stores no config and "
+            f"config.json is missing, so the resume cannot be checked; restore config.json "
+            f"or give a new --workdir"
+        )
     changes = config_changes(saved, config_as_json(cfg))
     if changes.refused and not allow_change:
         raise ConfigChangedError(

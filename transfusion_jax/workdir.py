@@ -22,6 +22,8 @@ import os
 import pathlib
 import socket
 
+from transfusion_jax.config import base_config
+
 
 class RunError(RuntimeError):
     """A failure the user can act on: the CLI prints its one-line message, with no traceback,
@@ -110,8 +112,6 @@ def config_changes(saved: dict, new: dict) -> ConfigChanges:
     """Differences between two configs as JSON dicts (what DIR/config.json holds). A key the
     saved config lacks (added to the project since) counts as unchanged while it keeps its
     default; optimizer.decay_steps may be set to the decay the run already had."""
-    from transfusion_jax.config import base_config  # the config module imports none of ours
-
     a, b = _flatten(saved), _flatten(new)
     defaults = _flatten(json.loads(base_config().to_json_best_effort()))
     allowed, refused = {}, {}
