@@ -61,8 +61,8 @@ def test_pixel_space_latents_follow_the_image_size(tmp_path):
     assert record["step"] == 2 and record["diffusion_loss"] > 0
     vae = tiny_config(image__latent_size=0)
     vae.data.latents = "vae"
-    with pytest.raises(ValueError, match="image.latent_size: 0 .* works in pixel space only"):
-        resolve_model(vae)
+    with pytest.raises(ValueError, match="image.vae_path: data.latents='vae' needs the VAE"):
+        resolve_model(vae)  # latent sizes follow the VAE, so one must be named
 
 
 def test_configs_are_found_by_name_and_typos_are_not_replaced(tmp_path, monkeypatch):
@@ -87,3 +87,18 @@ def test_every_config_key_says_what_it_means():
     assert keys == set(meanings)
     assert [k for k in keys if len(meanings[k]) < 8] == []
     assert "optimizer.b2 = 0.95  # Adam beta2." in describe(base_config()).splitlines()
+
+
+def test_every_vae_config_key_says_what_it_means():
+    from transfusion_jax.config import describe, key_meanings
+    from transfusion_jax.vae.config import vae_base_config
+
+    meanings = key_meanings(vae=True)
+    cfg = vae_base_config()
+    keys = {f"{s}.{k}" for s, values in cfg.items() for k in values}
+    assert keys <= set(meanings)
+    assert [k for k in keys if len(meanings[k]) < 8] == []
+    lines = describe(cfg).splitlines()
+    assert "train.batch_size = 32  # Global, in images." in lines
+    latent = "vae.latent_channels = 4  # Channels of the latent"
+    assert any(line.startswith(latent) for line in lines)

@@ -271,7 +271,7 @@ def test_latent_cache_round_trip_and_training_source(tmp_path):
 
     write_folder(tmp_path / "folder", 5, corrupt=True)
     records = ImageFolderSource(tmp_path / "folder")
-    written, skipped = write_cache(records, 16, "pixels", tmp_path / "cache.array_record")
+    written, skipped = write_cache(records, 16, tmp_path / "cache.array_record")
     assert (written, skipped) == (5, 1)  # the 5 good rows; the truncated image is skipped
     cached = CachedSource(tmp_path / "cache.array_record")
     assert len(cached) == 5
@@ -330,7 +330,7 @@ def test_text_cached_and_tfds_sources_train_through_the_trainer(tmp_path, monkey
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": f"line {i} " * 5}) for i in range(30)))
     write_folder(tmp_path / "folder", 4)
-    write_cache(ImageFolderSource(tmp_path / "folder"), 16, "pixels", tmp_path / "c.array_record")
+    write_cache(ImageFolderSource(tmp_path / "folder"), 16, tmp_path / "c.array_record")
     for name, path, data in [
         ("text", tmp_path / "folder", {"text_path": str(corpus)}),
         ("cached", tmp_path / "c.array_record", {}),

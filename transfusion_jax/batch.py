@@ -93,10 +93,14 @@ def build_batch(
     latent_shape: tuple[int, int, int],
     patch_size: int,
     special: SpecialTokens = SpecialTokens(),
+    num_patches: int | None = None,
 ) -> Batch:
-    """Packs each row's documents in order into numpy arrays of the layout above."""
+    """Packs each row's documents in order into numpy arrays of the layout above.
+
+    `num_patches` (positions per image) follows from `latent_shape` unless given: a batch whose
+    slots carry pixels for the train step's VAE encoder gives the latent's count."""
     h, w, c = latent_shape
-    num_patches = (h // patch_size) * (w // patch_size)
+    num_patches = num_patches or (h // patch_size) * (w // patch_size)
     b = len(rows)
     tokens = np.full((b, seq_len), special.pad, np.int32)
     segment_ids = np.zeros((b, seq_len), np.int32)

@@ -18,6 +18,7 @@ import pathlib
 import re
 
 import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 
 from transfusion_jax.train_step import TrainState
@@ -69,22 +70,28 @@ class Checkpointer:
         )
         self.directory = pathlib.Path(directory).absolute()  # Orbax refuses relative paths
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "config")
+            self.directory, options=options, item_names=("state", "data", "config", "info")
         )
         self._unchecked_step = None  # the save whose outcome is not known yet
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: TrainState, data_state: dict, config: dict) -> None:
+    def save(
+        self, step: int, state: TrainState, data_state: dict, config: dict, info: dict | None = None
+    ) -> None:
         """Saves the state, the data iterator's state and the config that trained them (a
-        resume compares with it, and sampling builds the model from it)."""
+        resume compares with it, and sampling builds the model from it), and `info`: facts
+        measured on this step's weights (e.g. a VAE's latent statistics)."""
         self.check_saved(wait=True)  # Orbax waits for the previous save anyway
-        args = ocp.args.Composite(
+        items = dict(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
             config=ocp.args.JsonSave(config),
         )
+        if info is not None:
+            items["info"] = ocp.args.JsonSave(info)
+        args = ocp.args.Composite(**items)
         try:
             self.manager.save(step, args=args, force=True)
         except Exception as e:
@@ -143,11 +150,18 @@ class Checkpointer:
         """The config stored with a step (None for steps saved before configs were stored, or
         if it cannot be read). Read as the plain JSON file Orbax's JSON item writes, not through
         a restore, which would be a collective across processes."""
-        path = self.directory / str(step) / "config" / "metadata"
+        return self._saved_json(step, "config")
+
+    def saved_info(self, step: int) -> dict | None:
+        """The `info` saved with a step (None if it has none)."""
+        return self._saved_json(step, "info")
+
+    def _saved_json(self, step: int, item: str) -> dict | None:
+        path = self.directory / str(step) / item / "metadata"
         try:
             return json.loads(path.read_text()) if path.is_file() else None
         except (OSError, ValueError) as e:
-            log.warning("the config of step %d cannot be read (%s)", step, first_line(e))
+            log.warning("the %s of step %d cannot be read (%s)", item, step, first_line(e))
             return None
 
     def config_of(self, step: int) -> dict | None:
@@ -213,3 +227,42 @@ class Checkpointer:
                 self.manager.close()
             except Exception as e:  # noqa: BLE001 - a failed save is reported by check_saved
                 log.warning("closing the checkpoint manager: %s", first_line(e))
+
+
+def restore_trained(workdir, make_program, step: int | None = None):
+    """(program, state, step) of a finished or running training directory, for inference: the
+    given step, or else the newest one that restores (a damaged one is named in a warning and
+    skipped), each restored by `make_program(config)` built from the config stored with it (so
+    a run whose config changed on resume restores every step as it was trained)."""
+    workdir = pathlib.Path(workdir)
+    checkpoints = Checkpointer(workdir / "checkpoints", keep=None, read_only=True)
+    try:
+        steps = sorted(checkpoints.manager.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(
+                f"{workdir}: no checkpoint in {workdir / 'checkpoints'} (is it a training run?)"
+            )
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"--step {step}: {workdir / 'checkpoints'} holds steps {steps}")
+        first_error = None
+        for candidate in [step] if step is not None else steps:  # newest first
+            stored = checkpoints.config_of(candidate)
+            if stored is None:
+                raise FileNotFoundError(f"{workdir}: no config.json")
+            program = make_program(ml_collections.ConfigDict(stored))
+            try:
+                state, _ = checkpoints.restore(candidate, program.abstract_state())
+            except Exception as e:  # noqa: BLE001 - damaged: try the step before
+                if step is not None:
+                    raise
+                log.warning(
+                    "checkpoint of step %d cannot be restored (%s)", candidate, first_line(e)
+                )
+                first_error = first_error or e
+                continue
+            return program, state, candidate
+        raise CheckpointRestoreError(
+            f"{workdir}: no checkpoint can be restored ({first_line(first_error)})"
+        )
+    finally:
+        checkpoints.close()

@@ -50,6 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.image.latent_channels = 8  # 0 = follow the data (in pixel space: 3, RGB).
     c.image.patch_size = 2  # k: each k x k latent window is one sequence position.
     c.image.max_images = 1  # Image slots per packed row (M); unused slots are masked.
+    # data.latents = "vae": a diffusers AutoencoderKL directory or a train_vae workdir.
+    c.image.vae_path = ""
+    # Train on a posterior sample z ~ N(mean, var) (latent diffusion's choice) or on the mean.
+    c.image.vae_sample = True
 
     c.patch = ml_collections.ConfigDict()
     c.patch.kind = "linear"  # "linear" (the paper's main variant) or "unet".
@@ -79,8 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3  # Newest checkpoints kept (older ones are deleted).
     c.train.seed = 0  # Seeds the weights, the data order and the diffusion noise.
     c.train.ema_decay = 0.0  # 0 = no EMA copy of the weights; e.g. 0.9999 keeps one.
-    c.train.nan_policy = "stop"  # A non-finite loss is never applied; "stop" ends the run, "skip"
-    # goes on (the step is skipped and counted in nonfinite_steps).
+    # A non-finite loss is never applied; "stop" ends the run, "skip" goes on (the step is
+    # skipped and counted in nonfinite_steps).
+    c.train.nan_policy = "stop"
     # "skip" still gives up (exit status 1) after this many non-finite steps in a row: a model
     # whose every step explodes is not training, and its checkpoints would rotate out good ones.
     c.train.max_nonfinite_streak = 10
@@ -119,7 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.text_ratio = 1.0  # Text-only positions per image-caption position (the paper: 1:1).
     c.data.tokenizer = "bytes"  # "bytes", "sentencepiece:PATH" or "tiktoken:PATH".
     c.data.image_size = 256  # Images are resized (short side) and centre-cropped to this.
-    c.data.latents = "pixels"  # What the model sees of an image (pixels until a VAE is set).
+    # What the model sees of an image: "pixels", or "vae" (the latents of image.vae_path,
+    # normalised; encoded on the training devices, or read from a latent cache).
+    c.data.latents = "pixels"
     c.data.max_caption_tokens = 128  # Captions are cut to this many tokens.
     # Images with more pixels are skipped before decoding (a small PNG can decode to gigabytes).
     c.data.max_image_pixels = 64_000_000
@@ -145,6 +152,10 @@ def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if "data" in cfg and cfg.data.latents == "pixels":
         im.latent_size = im.latent_size or cfg.data.image_size
         im.latent_channels = im.latent_channels or 3
+    elif "data" in cfg and cfg.data.latents == "vae":
+        _follow_the_vae(cfg)
+    elif "data" in cfg:
+        _check(False, "data.latents", f"{cfg.data.latents!r} is not 'pixels' or 'vae'")
     _check(
         im.latent_size > 0 and im.latent_channels > 0,
         "image.latent_size",
@@ -212,6 +223,39 @@ def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return cfg
 
 
+def _follow_the_vae(cfg) -> None:
+    """Fills image.latent_size / latent_channels from the VAE (reading its JSON files only);
+    values that were given must agree with it."""
+    from transfusion_jax.vae.latent_space import latent_space
+
+    im = cfg.image
+    space = latent_space(im.vae_path)
+    size = space.latent_size(cfg.data.image_size)
+    for key, value in (("latent_size", size), ("latent_channels", space.channels)):
+        _check(
+            im[key] in (0, value),
+            f"image.{key}",
+            f"{im[key]} disagrees with the VAE at {im.vae_path} ({value} for "
+            f"data.image_size={cfg.data.image_size}); set it to 0 to follow the VAE",
+        )
+        im[key] = value
+
+
+def images_arrive_as_pixels(cfg) -> bool:
+    """True when batches carry images as pixels that the train step encodes with the VAE (a
+    latent cache carries latents already)."""
+    return cfg.data.latents == "vae" and cfg.data.source != "cached"
+
+
+def carried_image_shape(cfg) -> tuple[int, int, int]:
+    """[h, w, c] of an image slot of a batch (`Batch.latents`): the latent, or the image in
+    pixels when the train step encodes it (`images_arrive_as_pixels`). Either way an image takes
+    (latent_size / patch_size)^2 positions of a row."""
+    if images_arrive_as_pixels(cfg):
+        return (cfg.data.image_size, cfg.data.image_size, 3)
+    return (cfg.image.latent_size, cfg.image.latent_size, cfg.image.latent_channels)
+
+
 def shipped_configs() -> list[str]:
     return sorted(
         p.name.removesuffix(".py")
@@ -268,25 +312,40 @@ def _check(ok: bool, field: str, why: str) -> None:
         raise ValueError(f"config field {field}: {why}")
 
 
-def key_meanings() -> dict:
-    """key -> meaning, from the comments on (or just above) each line of base_config."""
-    meanings, pending = {}, []
-    for line in inspect.getsource(base_config).splitlines():
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            pending.append(stripped.lstrip("# "))
-            continue
-        match = re.match(r"c\.(\w+)\.(\w+) = [^#]*?(?:#\s*(.*))?$", stripped)
-        if match and not match.group(0).endswith("ConfigDict()"):
-            meaning = " ".join([*pending, match.group(3) or ""]).strip()
-            meanings[f"{match.group(1)}.{match.group(2)}"] = meaning
-        pending = [] if stripped else pending
+def key_meanings(vae: bool = False) -> dict:
+    """key -> meaning, from the comments on (or just above) each line of the functions that
+    define the keys: base_config, and with `vae` (a VAE training config) also vae_base_config and
+    vae_config (whose keys are the `vae` section). A line without a comment keeps the earlier
+    meaning."""
+    from transfusion_jax.vae.autoencoder import vae_config
+    from transfusion_jax.vae.config import vae_base_config
+
+    sources = [(base_config, None)]
+    if vae:
+        sources += [(vae_base_config, None), (vae_config, "vae")]
+    meanings = {}
+    for function, section in sources:
+        pending = []
+        for line in inspect.getsource(function).splitlines():
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                pending.append(stripped.lstrip("# "))
+                continue
+            pattern = r"c\.(\w+) = " if section else r"c\.(\w+)\.(\w+) = "
+            match = re.match(pattern + r"[^#]*?(?:#\s*(.*))?$", stripped)
+            if match and not match.group(0).endswith("ConfigDict()"):
+                *names, comment = match.groups()
+                key = ".".join([section, *names] if section else names)
+                meaning = " ".join([*pending, comment or ""]).strip()
+                if meaning or key not in meanings:
+                    meanings[key] = meaning
+            pending = [] if stripped else pending
     return meanings
 
 
 def describe(cfg: ml_collections.ConfigDict) -> str:
     """One line per key: `section.key = value  # meaning`."""
-    meanings = key_meanings()
+    meanings = key_meanings(vae="vae" in cfg)
     lines = []
     for section, values in cfg.items():
         for key, value in values.items():

@@ -18,13 +18,12 @@ import math
 import pathlib
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 from PIL import Image as PILImage
 from tqdm import tqdm
 
-from transfusion_jax.checkpoint import Checkpointer, CheckpointRestoreError, first_line
+from transfusion_jax.checkpoint import restore_trained
 from transfusion_jax.config import resolve_model
 from transfusion_jax.data.images import load_image, to_uint8
 from transfusion_jax.data.tokenizer import make_tokenizer
@@ -42,9 +41,16 @@ SAMPLERS_FOR = {"epsilon": ("ddpm", "ddim"), "flow": ("euler", "heun")}
 class Pipeline:
     """Text -> image, captioning and text (with images) generation for one trained model."""
 
-    def __init__(self, model, cfg, step: int | None = None):
+    def __init__(self, model, cfg, step: int | None = None, vae=None):
+        """`vae` (a `vae.VAE`) decodes latent-space models' images; by default the one at the
+        config's image.vae_path."""
         self.cfg = cfg = resolve_model(cfg)
         self.step, self.model = step, model
+        if vae is None and cfg.data.latents == "vae":
+            from transfusion_jax.vae import load_vae
+
+            vae = load_vae(cfg.image.vae_path)
+        self.vae = vae
         self.tokenizer = make_tokenizer(cfg.data.tokenizer)
         im = cfg.image
         self.image_shape = (im.latent_size, im.latent_size, im.latent_channels)
@@ -92,7 +98,7 @@ class Pipeline:
             generator = self._reporting
         with self._progress_bar(progress, options):
             result = generator.generate(tokens, jax.random.key(seed), options, force_image=True)
-        return [self.to_pil(row[0]) for row in result.images]
+        return self.to_pil_images([row[0] for row in result.images])
 
     def caption(
         self,
@@ -106,6 +112,8 @@ class Pipeline:
         """The text the model writes after each image: PIL images, paths, uint8 arrays
         [h, w, 3], float arrays in [-1, 1], or a list (or batch array) of them."""
         pixels = self._images(images)
+        if self.vae is not None:  # the posterior mean, as the model saw images in training
+            pixels = np.asarray(self.vae.latents(pixels))
         options = self.options(
             max_new_tokens=max_new_tokens,
             max_images=0,
@@ -166,8 +174,17 @@ class Pipeline:
         return SamplingOptions(sampler=sampler, clip_x0=clip, **kw)
 
     def to_pil(self, image: np.ndarray) -> PILImage.Image:
-        """A generated pixel-space image ([-1, 1]) as a PIL image."""
-        return PILImage.fromarray(to_uint8(image))
+        """A generated image (pixels in [-1, 1], or a normalised latent) as a PIL image."""
+        return self.to_pil_images([image])[0]
+
+    def to_pil_images(self, images) -> list[PILImage.Image]:
+        """Generated images as PIL images; latents are decoded together through the VAE."""
+        if not len(images):
+            return []
+        images = np.stack([np.asarray(x) for x in images])
+        if self.vae is not None:
+            images = np.asarray(self.vae.decode(self.vae.denormalize(images)))
+        return [PILImage.fromarray(to_uint8(x)) for x in images]
 
     def _prompt(self, text: str) -> list[int]:
         return [self.tokenizer.special.bos, *self.tokenizer.encode(text)]
@@ -270,41 +287,7 @@ def load_trained(workdir, use_ema: bool = False, step: int | None = None, mesh=N
             raise ValueError(f"{workdir}: an export holds one set of weights (no ema, no step)")
         return load_exported(workdir, mesh)
     mesh = mesh or make_mesh(1, 1, 1, jax.local_devices()[:1])
-    checkpoints = Checkpointer(workdir / "checkpoints", keep=None, read_only=True)
-    try:
-        steps = sorted(checkpoints.manager.all_steps(), reverse=True)
-        if not steps:
-            raise FileNotFoundError(
-                f"--workdir {workdir}: no checkpoint in {workdir / 'checkpoints'} (is it a "
-                f"training run?)"
-            )
-        if step is not None and step not in steps:
-            raise FileNotFoundError(f"--step {step}: {workdir / 'checkpoints'} holds steps {steps}")
-        first_error = None
-        candidates = [step] if step is not None else steps  # newest first
-        for candidate in candidates:  # each restored with the config that trained it
-            stored = checkpoints.config_of(candidate)
-            if stored is None:
-                raise FileNotFoundError(f"--workdir {workdir}: no config.json")
-            program = TrainProgram(ml_collections.ConfigDict(stored), mesh)
-            try:
-                state, _ = checkpoints.restore(candidate, program.abstract_state())
-            except Exception as e:  # noqa: BLE001 - damaged: try the step before
-                if step is not None:
-                    raise
-                log.warning(
-                    "checkpoint of step %d cannot be restored (%s)", candidate, first_line(e)
-                )
-                first_error = first_error or e
-                continue
-            step = candidate
-            break
-        else:
-            raise CheckpointRestoreError(
-                f"--workdir {workdir}: no checkpoint can be restored ({first_line(first_error)})"
-            )
-    finally:
-        checkpoints.close()
+    program, state, step = restore_trained(workdir, lambda cfg: TrainProgram(cfg, mesh), step)
     if use_ema and not state.ema_params:
         raise ValueError(f"--workdir {workdir}: the run kept no EMA weights (train.ema_decay=0)")
     params = state.ema_params if use_ema else state.params

@@ -26,7 +26,7 @@ from ml_collections import config_flags
 from transfusion_jax import cli
 from transfusion_jax import sharding as shd
 from transfusion_jax.checkpoint import Checkpointer
-from transfusion_jax.config import resolve_model
+from transfusion_jax.config import base_config, resolve_model
 from transfusion_jax.data import make_source
 from transfusion_jax.flops import device_peak_tflops, model_flops_per_token
 from transfusion_jax.model import parameter_counts
@@ -138,7 +138,7 @@ class PreemptionFlag:
             signal.signal(sig, handler)
 
 
-def _print_compiled(compiled, flops_per_token, tokens_per_step):
+def _print_compiled(compiled, task):
     memory = compiled.memory_analysis()
     if memory is not None:
         gib = 2.0**-30
@@ -147,22 +147,61 @@ def _print_compiled(compiled, flops_per_token, tokens_per_step):
             f"outputs {memory.output_size_in_bytes * gib:.2f} GiB, "
             f"temporaries {memory.temp_size_in_bytes * gib:.2f} GiB per device"
         )
-    log(
-        f"model FLOPs per token {flops_per_token:.4g}, "
-        f"per step {flops_per_token * tokens_per_step:.4g}"
-    )
+    if task.flops_per_unit:
+        per_step = task.flops_per_unit * task.units_per_step
+        log(f"model FLOPs per {task.unit[:-1]} {task.flops_per_unit:.4g}, per step {per_step:.4g}")
+
+
+class TransfusionTask:
+    """What the loop needs to know about one kind of model: here, Transfusion. Another kind (the
+    VAE, `transfusion_jax.train_vae`) gives the same members and reuses the whole loop: mesh,
+    resume, checkpoints, preemption, metrics and the non-finite guard."""
+
+    unit = "tokens"  # throughput is reported per this unit
+    logged = ("loss", "lm_loss", "diffusion_loss", "learning_rate", "grad_norm")
+    resolve = staticmethod(resolve_model)
+    default_config = staticmethod(base_config)
+
+    def __init__(self, cfg, mesh):
+        self.cfg = cfg
+        self.program = TrainProgram(cfg, mesh)
+        self.counts = parameter_counts(cfg)
+        self.units_per_step = cfg.train.batch_size * cfg.data.seq_len
+        self.flops_per_unit = model_flops_per_token(cfg, cfg.data.seq_len, self.counts)
+
+    def describe(self) -> str:
+        return "parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in self.counts.items())
+
+    def make_source(self, local_batch: int, process_index: int, process_count: int):
+        return make_source(self.cfg, local_batch, process_index, process_count)
+
+    def evaluate(self, state, step: int) -> dict:
+        del state, step
+        return {}
+
+    def checkpoint_info(self, state) -> dict | None:
+        del state
+        return None
+
+    def progress_line(self, r: dict) -> str:
+        return f"loss {r['loss']:.4f} (lm {r['lm_loss']:.4f}, diffusion {r['diffusion_loss']:.4f})"
 
 
 def train(
-    cfg, workdir, devices=None, stop_at_step: int | None = None, allow_config_change=False
+    cfg,
+    workdir,
+    devices=None,
+    stop_at_step: int | None = None,
+    allow_config_change=False,
+    task=TransfusionTask,
 ) -> dict:
     """Runs (or resumes) training; returns the last logged metrics.
 
     stop_at_step ends the run early after that step with a checkpoint, as a preemption would.
     A resume with a config that changes what is trained (model, data, optimizer, batch) is
-    refused unless `allow_config_change`.
+    refused unless `allow_config_change`. `task` says what is trained (TransfusionTask).
     """
-    cfg = resolve_model(cfg)
+    cfg = task.resolve(cfg)
     t = cfg.train
     if "://" in str(workdir):
         raise ValueError(
@@ -175,8 +214,10 @@ def train(
     try:
         checkpoints = Checkpointer(workdir / "checkpoints", t.keep_checkpoints)
         try:
-            changes = _check_resume_config(cfg, workdir, checkpoints, allow_config_change)
-            result = _train(cfg, workdir, checkpoints, changes, devices, stop_at_step)
+            changes = _check_resume_config(
+                cfg, workdir, checkpoints, allow_config_change, task.default_config()
+            )
+            result = _train(cfg, workdir, checkpoints, changes, devices, stop_at_step, task)
         except BaseException:
             checkpoints.close(quiet=True)  # the error in flight is the one to report
             raise
@@ -187,7 +228,9 @@ def train(
             lock.release()
 
 
-def _check_resume_config(cfg, workdir, checkpoints, allow_change: bool) -> ConfigChanges | None:
+def _check_resume_config(
+    cfg, workdir, checkpoints, allow_change: bool, defaults
+) -> ConfigChanges | None:
     """The changes from the config the latest checkpoint was trained with (None for a new run);
     raises ConfigChangedError for changes that would mix two runs, unless allowed."""
     latest = checkpoints.latest_step()
@@ -200,7 +243,7 @@ def _check_resume_config(cfg, workdir, checkpoints, allow_change: bool) -> Confi
             f"config.json is missing, so the resume cannot be checked; restore config.json "
             f"or give a new --workdir"
         )
-    changes = config_changes(saved, config_as_json(cfg))
+    changes = config_changes(saved, config_as_json(cfg), defaults)
     if changes.refused and not allow_change:
         raise ConfigChangedError(
             f"--workdir {workdir} holds a run trained with another config: "
@@ -225,7 +268,7 @@ def _check_resume_config(cfg, workdir, checkpoints, allow_change: bool) -> Confi
     return changes
 
 
-def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step) -> dict:
+def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step, task_class) -> dict:
     t = cfg.train
     # -- mesh and shapes ---------------------------------------------------------------------
     mesh = shd.mesh_from_config(cfg, devices)
@@ -237,13 +280,13 @@ def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step) -> dict:
             f"and by the {jax.process_count()} processes"
         )
     log(f"mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} devices")
-    program = TrainProgram(cfg, mesh)
-    counts = parameter_counts(cfg)
-    log("parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()))
+    task = task_class(cfg, mesh)
+    program = task.program
+    log(task.describe())
 
     # -- input --------------------------------------------------------------------------------
     local_batch = t.batch_size // jax.process_count()
-    source = make_source(cfg, local_batch, jax.process_index(), jax.process_count())
+    source = task.make_source(local_batch, jax.process_index(), jax.process_count())
 
     # -- state: fresh or restored --------------------------------------------------------------
     restored = checkpoints.restore_latest(program.abstract_state())
@@ -275,11 +318,9 @@ def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step) -> dict:
     # -- compile ahead of time ------------------------------------------------------------------
     first_batch = shd.global_batch(next(source), mesh)  # global shapes, also with N processes
     compiled = program.compile(first_batch)
-    tokens_per_step = t.batch_size * cfg.data.seq_len
-    flops_per_token = model_flops_per_token(cfg, cfg.data.seq_len, counts)
-    _print_compiled(compiled, flops_per_token, tokens_per_step)
+    _print_compiled(compiled, task)
     peak = t.peak_tflops or device_peak_tflops(jax.devices()[0])
-    mfu_scale = flops_per_token / (peak * 1e12 * mesh.devices.size) if peak else 0.0
+    mfu_scale = task.flops_per_unit / (peak * 1e12 * mesh.devices.size) if peak else 0.0
 
     # -- loop ---------------------------------------------------------------------------------
     writer = None
@@ -287,6 +328,7 @@ def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step) -> dict:
         writer = MetricsWriter(workdir, t.tensorboard, t.wandb_project, cfg)
     saved_config = config_as_json(cfg)
     preemption = PreemptionFlag()
+    eval_every = t.get("eval_every", 0)  # a task with held-out metrics (the VAE) has one
     step = int(state.step)
     last_logged, window, window_start, window_steps = {}, None, time.perf_counter(), 0
     pending = first_batch
@@ -303,20 +345,24 @@ def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step) -> dict:
             stopping = bool(preemption.raised) or step == stop_at_step
             if jax.process_count() > 1:  # all processes must stop at the same step: decide
                 stopping = step % t.log_every == 0 and _any_process(stopping)  # at log steps
-            if step % t.log_every == 0 or step == t.num_steps or stopping:
-                record = _log_record(window, window_steps, window_start, step, cfg, mfu_scale)
+            evaluating = bool(eval_every) and step % eval_every == 0
+            if step % t.log_every == 0 or step == t.num_steps or stopping or evaluating:
+                record = _log_record(window, window_steps, window_start, step, task, mfu_scale)
+                if evaluating or step == t.num_steps:
+                    record.update(task.evaluate(state, step))
                 record["nonfinite_steps"] = int(state.nonfinite_steps)
                 record["skipped_examples"] = source.skipped_examples  # distinct records
                 record["skipped_draws"] = getattr(source, "skipped_draws", 0)
                 if writer is not None:
                     writer.write(record)
-                log(_progress_line(record, t.num_steps))
+                log(_progress_line(record, t.num_steps, task))
                 _check_finite(state, t)
                 last_logged, window, window_steps = record, None, 0
                 window_start = time.perf_counter()
             if step % t.checkpoint_every == 0 or step == t.num_steps or stopping:
                 _check_finite(state, t)
-                checkpoints.save(step, state, _data_states(source), saved_config)
+                info = task.checkpoint_info(state)
+                checkpoints.save(step, state, _data_states(source), saved_config, info)
             if stopping:
                 checkpoints.check_saved(wait=True)
                 why = preemption.raised or (
@@ -349,35 +395,27 @@ def _data_states(source) -> dict:
     return {str(i): json.loads(bytes(everyone[i, : int(n)])) for i, n in enumerate(sizes)}
 
 
-def _log_record(window, steps, start, step, cfg, mfu_per_token_per_s) -> dict:
+def _log_record(window, steps, start, step, task, mfu_per_unit_per_s) -> dict:
     """The window's mean metrics and throughput; MFU when the mesh's peak FLOP/s is known
-    (`mfu_per_token_per_s` = model FLOPs per token / peak FLOP/s of the mesh, else 0)."""
+    (`mfu_per_unit_per_s` = model FLOPs per unit / peak FLOP/s of the mesh, else 0)."""
     # The clock is read after the fetch, which waits for the device to finish the window's steps:
     # read before, it would time only the asynchronous dispatch.
     means = {k: float(v) / steps for k, v in jax.device_get(window).items()}
     elapsed = time.perf_counter() - start
-    tokens_per_s = steps * cfg.train.batch_size * cfg.data.seq_len / elapsed
-    record = {
-        "step": step,
-        "loss": means["loss"],
-        "lm_loss": means["lm_loss"],
-        "diffusion_loss": means["diffusion_loss"],
-        "learning_rate": means["learning_rate"],
-        "grad_norm": means["grad_norm"],
-        "tokens_per_s": tokens_per_s,
-        "examples_seen": step * cfg.train.batch_size,
-        "step_s": elapsed / steps,
-    }
-    if mfu_per_token_per_s:
-        record["mfu"] = tokens_per_s * mfu_per_token_per_s
+    per_s = steps * task.units_per_step / elapsed
+    record = {"step": step, **{k: means[k] for k in task.logged}}
+    record[f"{task.unit}_per_s"] = per_s
+    record["examples_seen"] = step * task.cfg.train.batch_size
+    record["step_s"] = elapsed / steps
+    if mfu_per_unit_per_s:
+        record["mfu"] = per_s * mfu_per_unit_per_s
     return record
 
 
-def _progress_line(r: dict, num_steps: int) -> str:
+def _progress_line(r: dict, num_steps: int, task) -> str:
     line = (
-        f"step {r['step']}/{num_steps}  loss {r['loss']:.4f} (lm {r['lm_loss']:.4f}, "
-        f"diffusion {r['diffusion_loss']:.4f})  lr {r['learning_rate']:.2e}  "
-        f"grad_norm {r['grad_norm']:.3f}  {r['tokens_per_s']:.0f} tokens/s"
+        f"step {r['step']}/{num_steps}  {task.progress_line(r)}  lr {r['learning_rate']:.2e}  "
+        f"grad_norm {r['grad_norm']:.3f}  {r[f'{task.unit}_per_s']:.0f} {task.unit}/s"
     )
     if "mfu" in r:
         line += f"  MFU {100 * r['mfu']:.1f}%"
@@ -419,7 +457,8 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main():
+def initialize_processes() -> None:
+    """Joins the other processes of a multi-process launch (nothing for a single process)."""
     if launched_as_several_processes():
         env = os.environ  # explicit launch: JAX_COORDINATOR_ADDRESS + these two; else detected
         if env.get("JAX_NUM_PROCESSES"):
@@ -428,6 +467,10 @@ def main():
             )
         else:
             jax.distributed.initialize()
+
+
+def main():
+    initialize_processes()
     f = flags.FLAGS
     train(f.config, f.workdir, allow_config_change=f.allow_config_change)
 

@@ -20,11 +20,14 @@ from jax.sharding import Mesh
 
 from transfusion_jax import sharding as shd
 from transfusion_jax.batch import Batch
-from transfusion_jax.config import resolve_model
+from transfusion_jax.config import images_arrive_as_pixels, resolve_model
 from transfusion_jax.diffusion import Diffusion
 from transfusion_jax.loss import batch_counts, transfusion_loss
 from transfusion_jax.model import Transfusion
 from transfusion_jax.optimizer import learning_rate_schedule, make_optimizer
+from transfusion_jax.vae.autoencoder import sample_posterior
+
+ENCODE_STREAM = 0x5EED  # folded into a step's key for the VAE posterior samples
 
 
 @struct.dataclass
@@ -42,16 +45,40 @@ class TrainState:
 
 @dataclasses.dataclass
 class TrainProgram:
+    """The Transfusion program. Another model (the VAE, `vae/train_step.py`) subclasses it and
+    replaces `resolve`, `make_model`, `setup` and `loss`; state, sharding and step are shared."""
+
     cfg: object
     mesh: Mesh
 
+    resolve = staticmethod(resolve_model)
+
+    def make_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        return Transfusion(self.cfg, rngs)
+
+    def setup(self) -> None:
+        """What `loss` needs besides the model: the diffusion schedule, and the frozen VAE
+        encoder when batches carry pixels (`data.latents = "vae"` without a latent cache)."""
+        self.diffusion = Diffusion.from_config(self.cfg)
+        self.vae = None
+        if images_arrive_as_pixels(self.cfg):
+            from transfusion_jax.vae import load_vae
+
+            self.vae = load_vae(self.cfg.image.vae_path, dtype=self.cfg.model.dtype)
+            state = nnx.state(self.vae.module, nnx.Param)
+            logical = nnx.to_pure_dict(nnx.get_partition_spec(state))
+            params = nnx.to_pure_dict(state)
+            self.vae_graphdef = nnx.graphdef(self.vae.module)
+            self.vae_shardings = shd.param_shardings(logical, params, self.mesh)
+            self.vae_params = jax.device_put(params, self.vae_shardings)
+
     def __post_init__(self):
-        self.cfg = resolve_model(self.cfg)
-        abstract = nnx.eval_shape(lambda: Transfusion(self.cfg, nnx.Rngs(0)))
+        self.cfg = self.resolve(self.cfg)
+        abstract = nnx.eval_shape(lambda: self.make_model(nnx.Rngs(0)))
         self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)  # fails on other state
         self.tx = make_optimizer(self.cfg)
         self.schedule = learning_rate_schedule(self.cfg)
-        self.diffusion = Diffusion.from_config(self.cfg)
+        self.setup()
         logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
         abstract_params = nnx.to_pure_dict(abstract_params)
         self.param_shardings = shd.param_shardings(logical, abstract_params, self.mesh)
@@ -61,7 +88,7 @@ class TrainProgram:
     # -- creation -------------------------------------------------------------------------------
 
     def _init(self, key: jax.Array) -> TrainState:
-        model = Transfusion(self.cfg, nnx.Rngs(params=jax.random.fold_in(key, 0)))
+        model = self.make_model(nnx.Rngs(params=jax.random.fold_in(key, 0)))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         ema = params if self.cfg.train.ema_decay > 0 else {}
         return TrainState(
@@ -117,18 +144,21 @@ class TrainProgram:
     def model(self, params) -> Transfusion:
         return nnx.merge(self.graphdef, params)
 
-    def loss(self, params, batch: Batch, rng, counts=None):
+    def loss(self, params, batch: Batch, rng, counts=None, step=None):
+        """(loss, metrics) of a batch; `step` (the optimizer step) is for losses that change
+        over a run (the VAE's discriminator starts late)."""
+        del step
         return transfusion_loss(
             self.model(params), batch, rng, self.diffusion, self.cfg.diffusion.loss_weight, counts
         )
 
-    def _gradients(self, params, batch: Batch, rng):
+    def _gradients(self, params, batch: Batch, rng, step=None):
         """Gradients and metrics of the whole batch, summed over `train.grad_accum_steps`
         micro-batches whose losses are normalised by the whole batch's counts."""
         k = self.cfg.train.grad_accum_steps
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
         if k == 1:
-            (_, metrics), grads = grad_fn(params, batch, rng)
+            (_, metrics), grads = grad_fn(params, batch, rng, step=step)
             return grads, metrics
 
         # Micro-batch i takes rows i, i+k, ...: every device keeps its share of every micro-batch.
@@ -141,7 +171,7 @@ class TrainProgram:
 
         def micro_step(i, micro_batch):
             key = jax.random.fold_in(rng, i)
-            (_, metrics), grads = grad_fn(params, micro_batch, key, counts)
+            (_, metrics), grads = grad_fn(params, micro_batch, key, counts, step=step)
             return grads, metrics
 
         def accumulate(carry, inputs):
@@ -152,9 +182,22 @@ class TrainProgram:
         (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
         return grads, metrics
 
-    def train_step(self, state: TrainState, batch: Batch):
+    def encode_images(self, vae_params, batch: Batch, rng) -> Batch:
+        """The batch with its pixel images replaced by normalised VAE latents (a posterior
+        sample with `image.vae_sample`, else the mean). Every slot is encoded, used or not: a
+        static shape; the loss masks the unused ones."""
+        x = batch.latents  # [B, M, H, W, 3]
+        module = nnx.merge(self.vae_graphdef, vae_params)
+        mean, logvar = module.encode(x.reshape(-1, *x.shape[2:]))
+        z = sample_posterior(mean, logvar, rng if self.cfg.image.vae_sample else None)
+        z = (z - self.vae.shift) * self.vae.scale
+        return batch.replace(latents=z.reshape(*x.shape[:2], *z.shape[1:]).astype(jnp.float32))
+
+    def train_step(self, state: TrainState, batch: Batch, vae_params=None):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        grads, metrics = self._gradients(state.params, batch, rng)
+        if vae_params is not None:
+            batch = self.encode_images(vae_params, batch, jax.random.fold_in(rng, ENCODE_STREAM))
+        grads, metrics = self._gradients(state.params, batch, rng, state.step)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -187,18 +230,35 @@ class TrainProgram:
         return new_state, metrics
 
     def compile(self, batch_shapes: Batch):
-        """The AOT-compiled step for batches shaped like `batch_shapes`."""
+        """The AOT-compiled step for batches shaped like `batch_shapes`: `step(state, batch)`."""
         abstract_batch = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.batch_sharding),
             batch_shapes,
         )
+        encoder = () if getattr(self, "vae", None) is None else (self.vae_shardings,)
         step = jax.jit(
             self.train_step,
-            in_shardings=(self.state_shardings, self.batch_sharding),
+            in_shardings=(self.state_shardings, self.batch_sharding, *encoder),
             out_shardings=(self.state_shardings, shd.replicated(self.mesh)),
             donate_argnums=(0,),
         )
-        return step.lower(self.abstract_state(), abstract_batch).compile()
+        if not encoder:
+            return step.lower(self.abstract_state(), abstract_batch).compile()
+        compiled = step.lower(self.abstract_state(), abstract_batch, self.vae_params).compile()
+        return EncodingStep(compiled, self.vae_params)
+
+
+class EncodingStep:
+    """A compiled step with the frozen VAE weights bound: called as `step(state, batch)`."""
+
+    def __init__(self, compiled, vae_params):
+        self.compiled, self.vae_params = compiled, vae_params
+
+    def __call__(self, state, batch):
+        return self.compiled(state, batch, self.vae_params)
+
+    def memory_analysis(self):
+        return self.compiled.memory_analysis()
 
 
 def bytes_per_device(tree) -> dict:

@@ -108,12 +108,14 @@ class ConfigChanges:
         return any(k.startswith("data.") or k == "train.seed" for k in self.refused)
 
 
-def config_changes(saved: dict, new: dict) -> ConfigChanges:
+def config_changes(saved: dict, new: dict, default_config=None) -> ConfigChanges:
     """Differences between two configs as JSON dicts (what DIR/config.json holds). A key the
     saved config lacks (added to the project since) counts as unchanged while it keeps its
-    default; optimizer.decay_steps may be set to the decay the run already had."""
+    default (in `default_config`, base_config() unless given); optimizer.decay_steps may be set
+    to the decay the run already had."""
     a, b = _flatten(saved), _flatten(new)
-    defaults = _flatten(json.loads(base_config().to_json_best_effort()))
+    default_config = base_config() if default_config is None else default_config
+    defaults = _flatten(json.loads(default_config.to_json_best_effort()))
     allowed, refused = {}, {}
     for key in sorted(set(a) | set(b)):
         before, after = a.get(key, "<unset>"), b.get(key, "<unset>")

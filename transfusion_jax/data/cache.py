@@ -2,56 +2,97 @@
 
   python -m transfusion_jax.data.cache --config configs/tiny.py \
       --config.data.source=imagefolder --config.data.path=DIR --out latents.array_record
+  python -m transfusion_jax.data.cache --config ... --vae VAE_PATH --out latents.array_record
 
-Every valid record of the configured image source is decoded, resized and turned into its latent
-(`data.latents`) once, and written with its caption(s) to an ArrayRecord file. Training then uses
-`data.source=cached` with `data.path` naming that file. A record is an `np.savez` archive (no
-pickle): `latent` float16 [h, w, c] and `texts`.
+Every valid record of the configured image source is decoded, resized and written with its
+caption(s) to an ArrayRecord file: as pixels, or with `--vae` (a diffusers AutoencoderKL directory
+or a train_vae workdir) as the VAE's posterior (mean and log-variance, unnormalised), encoded in
+batches on the local devices. Training then uses `data.source=cached` with `data.path` naming the
+file (and, for a VAE cache, `data.latents=vae` with the same `image.vae_path`: its normalisation
+and the posterior sampling are applied as the data is read). A record is an `np.savez` archive
+(no pickle).
 """
 
 import logging
+import time
 
+import numpy as np
 from absl import flags
 from array_record.python.array_record_module import ArrayRecordWriter
 from ml_collections import config_flags
+from tqdm import tqdm
 
 from transfusion_jax import cli
 from transfusion_jax.data.documents import Skipped, decode_image
-from transfusion_jax.data.images import DEFAULT_MAX_PIXELS, to_latent
+from transfusion_jax.data.images import DEFAULT_MAX_PIXELS
 from transfusion_jax.data.sources import encode_record, open_source
 
 log = logging.getLogger(__name__)
 
 
 def write_cache(
-    records, image_size: int, latents: str, path, max_pixels: int = DEFAULT_MAX_PIXELS
+    records, image_size: int, path, max_pixels: int = DEFAULT_MAX_PIXELS, vae=None, batch=32
 ) -> tuple[int, int]:
-    """Writes every decodable record; returns (written, skipped)."""
+    """Writes every decodable record (pixels, or `vae`'s posterior of it); returns (written,
+    skipped)."""
     writer = ArrayRecordWriter(str(path), "group_size:1")
     written = skipped = 0
-    for i in range(len(records)):
+    pending = []  # (pixels, texts) waiting for a full encoder batch
+
+    def flush():
+        nonlocal written
+        if not pending:
+            return
+        pixels = np.stack([p for p, _ in pending])
+        if vae is None:
+            outputs = [(p, None) for p in pixels]
+        else:
+            padded = np.concatenate([pixels, np.repeat(pixels[:1], batch - len(pixels), 0)])
+            mean, logvar = (np.asarray(a)[: len(pixels)] for a in vae.encode(padded))
+            outputs = list(zip(mean, logvar, strict=True))
+        for (latent, logvar), (_, texts) in zip(outputs, pending, strict=True):
+            writer.write(encode_record(latent, texts, logvar))
+            written += 1
+        pending.clear()
+
+    for i in tqdm(range(len(records)), desc="cache", unit="image", mininterval=5):
         record = records[i]
         pixels = decode_image(record, image_size, max_pixels)
         if isinstance(pixels, Skipped):
             log.warning("%s", pixels)
             skipped += 1
             continue
-        writer.write(encode_record(to_latent(pixels, latents), record["text"]))
-        written += 1
+        pending.append((pixels, record["text"]))
+        if len(pending) == batch:
+            flush()
+    flush()
     writer.close()
     return written, skipped
 
 
 def main():
-    cfg, out = flags.FLAGS.config, flags.FLAGS.out
+    f = flags.FLAGS
+    cfg, out = f.config, f.out
+    vae = None
+    if f.vae:
+        from transfusion_jax.vae import load_vae
+
+        vae = load_vae(f.vae)
+        vae.latent_shape(cfg.data.image_size)  # a clear error before any work
     records = open_source(cfg)
     d = cfg.data
-    written, skipped = write_cache(records, d.image_size, d.latents, out, d.max_image_pixels)
-    print(f"wrote {written} records to {out}; skipped {skipped + records.skipped}")
+    start = time.perf_counter()
+    written, skipped = write_cache(records, d.image_size, out, d.max_image_pixels, vae, f.batch)
+    rate = written / (time.perf_counter() - start)
+    kind = f"VAE posteriors ({f.vae})" if vae else "pixels"
+    skipped += records.skipped
+    print(f"wrote {written} records ({kind}, {rate:.1f}/s) to {out}; skipped {skipped}")
 
 
 if __name__ == "__main__":  # flags are defined only for the command, not on import
     config_flags.DEFINE_config_file("config", None, "Config whose data.* names the source.")
     flags.DEFINE_string("out", None, "The ArrayRecord file to write.")
+    flags.DEFINE_string("vae", "", "Cache this VAE's latents (diffusers dir or train_vae workdir).")
+    flags.DEFINE_integer("batch", 32, "Images encoded together (with --vae).")
     flags.mark_flags_as_required(["config", "out"])
     cli.run(main)

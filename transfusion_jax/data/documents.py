@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from transfusion_jax.batch import caption_first_document, image_first_document
-from transfusion_jax.data.images import DEFAULT_MAX_PIXELS, array_to_image, load_image, to_latent
+from transfusion_jax.data.images import DEFAULT_MAX_PIXELS, array_to_image, load_image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +30,13 @@ class Skipped:
 class ToDocument:
     """A grain random-map transform: (record, numpy Generator) -> document | Skipped."""
 
-    def __init__(self, cfg, tokenizer):
+    def __init__(self, cfg, tokenizer, latent_space=None):
+        """`latent_space` (vae.latent_space.LatentSpace) normalises the posteriors of a VAE
+        latent cache; images decoded here stay pixels (in VAE mode the train step encodes them)."""
         d = cfg.data
         self.tokenizer, self.special = tokenizer, tokenizer.special
-        self.image_size, self.latents = d.image_size, d.latents
+        self.image_size, self.latent_space = d.image_size, latent_space
+        self.vae_sample = cfg.image.vae_sample
         self.max_image_pixels = d.max_image_pixels
         self.max_caption_tokens = d.max_caption_tokens
         self.caption_first_prob = d.caption_first_prob
@@ -49,13 +52,18 @@ class ToDocument:
         caption = self.tokenizer.encode(text.strip())[: self.max_caption_tokens]
         if not caption:
             return _skip(record, "empty caption")
-        if "latent" in record:  # from a latent cache (data/cache.py)
+        if "logvar" in record:  # a VAE posterior from a latent cache (data/cache.py --vae)
+            latent = record["latent"]
+            if self.vae_sample:
+                noise = rng.standard_normal(latent.shape, dtype=np.float32)
+                latent = latent + np.exp(0.5 * record["logvar"]) * noise
+            latent = self.latent_space.normalize(latent).astype(np.float32)
+        elif "latent" in record:  # a pixel-space cache
             latent = record["latent"]
         else:
-            pixels = decode_image(record, self.image_size, self.max_image_pixels)
-            if isinstance(pixels, Skipped):
-                return pixels
-            latent = to_latent(pixels, self.latents)
+            latent = decode_image(record, self.image_size, self.max_image_pixels)
+            if isinstance(latent, Skipped):
+                return latent
         if rng.random() < self.caption_first_prob:
             drop = bool(rng.random() < self.cond_drop_rate)
             return caption_first_document(caption, latent, s, drop_caption=drop)

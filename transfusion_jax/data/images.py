@@ -1,8 +1,9 @@
 """Images to model inputs: decode any common format, make it RGB, resize and centre-crop, scale.
 
-The model sees an image as a "latent" [h, w, c]. In pixel space (`data.latents = "pixels"`, the
-default until a VAE is configured) the latent is the image itself in [-1, 1], so h = w =
-`data.image_size` and c = 3; a VAE encoder plugs in at `to_latent`.
+The model sees an image as a "latent" [h, w, c]. In pixel space (`data.latents = "pixels"`) the
+latent is the image itself in [-1, 1], so h = w = `data.image_size` and c = 3. With a VAE
+(`data.latents = "vae"`) the pipeline still carries these pixels and the train step encodes them
+on the devices (or a latent cache supplies the posteriors).
 """
 
 import io
@@ -58,10 +59,3 @@ def array_to_image(pixels: np.ndarray) -> np.ndarray:
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """float in [-1, 1] -> uint8 [0, 255], for writing samples."""
     return np.clip(np.round((np.asarray(image, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def to_latent(image: np.ndarray, latents: str = "pixels") -> np.ndarray:
-    """The model's view of an image. Pixel space is the identity; a VAE would encode here."""
-    if latents == "pixels":
-        return image
-    raise ValueError(f"config field data.latents: {latents!r} is not supported (only 'pixels')")

@@ -82,12 +82,13 @@ class PackedBatches:
         special,
         window: int,
         initial_skipped: int = 0,
+        num_patches: int | None = None,
     ):
         self.documents, self.batch_size, self.seq_len = documents, batch_size, seq_len
         self.max_images, self.latent_shape, self.patch_size = max_images, latent_shape, patch_size
         self.special, self.window = special, window
         h, w, _ = latent_shape
-        self.num_patches = (h // patch_size) * (w // patch_size)
+        self.num_patches = num_patches or (h // patch_size) * (w // patch_size)
         self.initial_skipped = initial_skipped
         self._skipped, self.skipped_draws = set(), 0  # origins of skipped records; draws
         self._rows, self._emitted = [], 0
@@ -132,7 +133,13 @@ class PackedBatches:
     def __next__(self):
         rows = [self._next_row() for _ in range(self.batch_size)]
         return build_batch(
-            rows, self.seq_len, self.max_images, self.latent_shape, self.patch_size, self.special
+            rows,
+            self.seq_len,
+            self.max_images,
+            self.latent_shape,
+            self.patch_size,
+            self.special,
+            self.num_patches,
         )
 
     def get_state(self) -> dict:

@@ -9,19 +9,22 @@ import grain
 from absl import flags
 
 from transfusion_jax.batch import document_length
+from transfusion_jax.config import carried_image_shape
 from transfusion_jax.data.documents import Skipped, ToDocument
 from transfusion_jax.data.packing import PackedBatches
 from transfusion_jax.data.sources import TextSource, open_source
 from transfusion_jax.data.tokenizer import make_tokenizer
 
 
-def document_stream(records, cfg, tokenizer, seed: int, process_index: int, process_count: int):
+def document_stream(
+    records, cfg, tokenizer, seed: int, process_index: int, process_count: int, space=None
+):
     """A grain IterDataset of documents (or Skipped markers) for this process."""
     d = cfg.data
     dataset = grain.MapDataset.source(records).seed(seed).shuffle().repeat(None)
     # random_map before the shard: each document's draws are seeded by its global index, so the
     # processes' choices (direction, caption drop, which caption) are independent of each other.
-    dataset = dataset.random_map(ToDocument(cfg, tokenizer))[process_index::process_count]
+    dataset = dataset.random_map(ToDocument(cfg, tokenizer, space))[process_index::process_count]
     stream = dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=d.num_threads, prefetch_buffer_size=d.prefetch)
     )
@@ -90,7 +93,16 @@ def make_pipeline(cfg, local_batch_size: int, process_index: int = 0, process_co
     seed = cfg.train.seed
     records = open_source(cfg)
     skipped = records.skipped
-    documents = iter(document_stream(records, cfg, tokenizer, seed, process_index, process_count))
+    space = None
+    if d.latents == "vae":
+        from transfusion_jax.vae.latent_space import latent_space
+
+        space = latent_space(im.vae_path)
+    if d.source == "cached":
+        _check_cache(records[0], d, latent_shape)
+    documents = iter(
+        document_stream(records, cfg, tokenizer, seed, process_index, process_count, space)
+    )
     if d.source != "text" and d.text_path and d.text_ratio > 0:
         text = TextSource(d.text_path)
         skipped += text.skipped
@@ -103,9 +115,30 @@ def make_pipeline(cfg, local_batch_size: int, process_index: int = 0, process_co
         local_batch_size,
         d.seq_len,
         im.max_images,
-        latent_shape,
+        carried_image_shape(cfg),
         im.patch_size,
         tokenizer.special,
         d.pack_window,
         skipped,
+        num_patches,
     )
+
+
+def _check_cache(first: dict, d, latent_shape: tuple) -> None:
+    """A latent cache must hold what the config trains on: pixels of the image size, or the
+    posteriors of this VAE at this size."""
+    holds_vae = "logvar" in first
+    wants_vae = d.latents == "vae"
+    if holds_vae != wants_vae:
+        held = "VAE latents" if holds_vae else "pixels"
+        raise ValueError(
+            f"config field data.latents: {d.latents!r}, but the cache {d.path} holds {held}; "
+            f"write it again with python -m transfusion_jax.data.cache"
+            + ("" if holds_vae else " --vae PATH")
+        )
+    shape = tuple(first["latent"].shape)
+    if shape != tuple(latent_shape):
+        raise ValueError(
+            f"config field data.path: the cache {d.path} holds latents of shape {shape}, the "
+            f"config expects {tuple(latent_shape)} (written with another VAE or image size?)"
+        )

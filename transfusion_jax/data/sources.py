@@ -265,16 +265,25 @@ class ShapesSource:
 # -- the latent cache (written by data/cache.py) -------------------------------------------------
 
 
-def encode_record(latent: np.ndarray, texts) -> bytes:
+def encode_record(latent: np.ndarray, texts, logvar: np.ndarray | None = None) -> bytes:
+    """An `np.savez` archive: `latent` (pixels, or a VAE posterior's mean, unnormalised),
+    `logvar` (the posterior's, VAE caches only) and `texts`."""
     texts = [texts] if isinstance(texts, str) else list(texts)
+    arrays = dict(latent=latent.astype(np.float16), texts=np.array(texts, dtype=np.str_))
+    if logvar is not None:
+        arrays["logvar"] = logvar.astype(np.float16)
     buffer = io.BytesIO()
-    np.savez(buffer, latent=latent.astype(np.float16), texts=np.array(texts, dtype=np.str_))
+    np.savez(buffer, **arrays)
     return buffer.getvalue()
 
 
-def decode_record(data: bytes) -> tuple[np.ndarray, list[str]]:
+def decode_record(data: bytes) -> dict:
+    """{"latent", "text"} (+ "logvar" for a VAE cache), float32 arrays."""
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-        return archive["latent"].astype(np.float32), archive["texts"].tolist()
+        record = {"latent": archive["latent"].astype(np.float32), "text": archive["texts"].tolist()}
+        if "logvar" in archive:
+            record["logvar"] = archive["logvar"].astype(np.float32)
+        return record
 
 
 class CachedSource:
@@ -290,8 +299,7 @@ class CachedSource:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict:
-        latent, texts = decode_record(self.source[index])
-        return {"latent": latent, "text": texts, "origin": f"cache[{index}]"}
+        return dict(decode_record(self.source[index]), origin=f"cache[{index}]")
 
 
 def open_source(cfg):

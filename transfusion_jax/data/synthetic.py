@@ -16,6 +16,7 @@ from transfusion_jax.batch import (
     document_length,
     image_first_document,
 )
+from transfusion_jax.config import carried_image_shape
 
 NUM_CLASSES = 10
 FIRST_TEXT_ID = 5  # after the special tokens PAD BOS EOS BOI EOI
@@ -26,7 +27,7 @@ class SyntheticSource:
         im, vocab = cfg.image, cfg.model.vocab_size
         self.cfg, self.local_batch_size = cfg, local_batch_size
         self.process_index, self.process_count = process_index, process_count
-        self.shape = (im.latent_size, im.latent_size, im.latent_channels)
+        self.shape = carried_image_shape(cfg)  # pixels when the train step encodes them
         self.num_patches = (im.latent_size // im.patch_size) ** 2
         self.special = SpecialTokens()
         classes = np.random.default_rng(12345)
@@ -68,7 +69,13 @@ class SyntheticSource:
         self.batches_done += 1
         im = self.cfg.image
         return build_batch(
-            rows, self.cfg.data.seq_len, im.max_images, self.shape, im.patch_size, self.special
+            rows,
+            self.cfg.data.seq_len,
+            im.max_images,
+            self.shape,
+            im.patch_size,
+            self.special,
+            self.num_patches,
         )
 
     def get_state(self) -> dict:

@@ -1,0 +1,36 @@
+"""The KL autoencoder that maps images to the latents the model diffuses (and back).
+
+`load_vae(path)` is the one entry point for a trained VAE: a diffusers AutoencoderKL directory
+(config.json + diffusion_pytorch_model.safetensors, e.g. the vae/ folder of an SD / SDXL / FLUX
+pipeline) or a workdir of our own VAE training. Nothing here imports torch.
+"""
+
+import pathlib
+
+from transfusion_jax.vae.autoencoder import VAE, AutoencoderKL, vae_config
+from transfusion_jax.vae.diffusers_weights import CONFIG, WEIGHTS, load_diffusers
+
+__all__ = ["VAE", "AutoencoderKL", "load_diffusers", "load_vae", "vae_config"]
+
+
+def load_vae(path, **kwargs) -> VAE:
+    """The VAE at `path`; `kwargs` (dtype, param_dtype) go to the loader."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such VAE directory")
+    # A workdir of our VAE training (python -m transfusion_jax.train_vae); it holds a
+    # config.json too, so it is told apart first.
+    if (path / "checkpoints").is_dir():
+        from transfusion_jax.vae.workdir import load_workdir
+
+        return load_workdir(path, **kwargs)
+    if path.is_file() and path.name in (CONFIG, WEIGHTS):  # a file of a diffusers directory
+        path = path.parent
+    if (path / CONFIG).is_file():
+        return load_diffusers(path, **kwargs)
+    if (path / "vae" / CONFIG).is_file():  # a diffusers pipeline directory
+        return load_diffusers(path / "vae", **kwargs)
+    raise FileNotFoundError(
+        f"{path}: not a VAE; expected a diffusers AutoencoderKL directory ({CONFIG} + {WEIGHTS}, "
+        "e.g. a pipeline's vae/ folder) or a VAE training workdir (with checkpoints/)"
+    )

@@ -1,0 +1,94 @@
+"""What a VAE makes of an image, read from its small JSON files without loading any weights: the
+downsampling factor, the latent channels and the normalisation. The config checks, the data
+pipeline and the latent cache need these long before (or instead of) the encoder itself.
+"""
+
+import dataclasses
+import pathlib
+
+import numpy as np
+
+from transfusion_jax.vae.diffusers_weights import read_config
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentSpace:
+    path: str
+    downsample: int  # image pixels per latent position along each axis
+    channels: int
+    scale: np.ndarray  # float32 [channels]: z_norm = (z - shift) * scale
+    shift: np.ndarray
+
+    def latent_size(self, image_size: int) -> int:
+        if image_size % self.downsample:
+            raise ValueError(
+                f"config field data.image_size: {image_size} is not a multiple of the VAE's "
+                f"downsampling factor {self.downsample} ({self.path})"
+            )
+        return image_size // self.downsample
+
+    def normalize(self, z: np.ndarray) -> np.ndarray:
+        return (z - self.shift) * self.scale
+
+
+def latent_space(path) -> LatentSpace:
+    """The latent space of the VAE at `path` (a diffusers directory or a VAE training workdir);
+    errors name the path and what was expected there."""
+    path = pathlib.Path(path)
+    if not str(path) or str(path) == ".":
+        raise ValueError(
+            "config field image.vae_path: data.latents='vae' needs the VAE, a diffusers "
+            "AutoencoderKL directory or a workdir of python -m transfusion_jax.train_vae"
+        )
+    if not path.exists():
+        raise FileNotFoundError(f"config field image.vae_path: {path} does not exist")
+    if (path / "checkpoints").is_dir():
+        return _workdir_space(path)
+    if (path / "vae" / "config.json").is_file():  # a pipeline directory
+        path = path / "vae"
+    try:
+        found = read_config(path)
+    except (OSError, ValueError) as e:
+        raise type(e)(f"config field image.vae_path: {e}") from e
+    v = found["overrides"]
+    return LatentSpace(
+        str(path),
+        2 ** (len(v["channels"]) - 1),
+        v["latent_channels"],
+        found["scale"],
+        found["shift"],
+    )
+
+
+def _workdir_space(path: pathlib.Path) -> LatentSpace:
+    from transfusion_jax.checkpoint import Checkpointer
+
+    checkpoints = Checkpointer(path / "checkpoints", keep=None, read_only=True)
+    try:
+        step = checkpoints.latest_step()
+        stored = None if step is None else checkpoints.config_of(step)
+        info = (None if step is None else checkpoints.saved_info(step)) or {}
+    finally:
+        checkpoints.close()
+    if stored is None or "vae" not in stored:
+        raise ValueError(
+            f"config field image.vae_path: {path} holds no trained VAE (no checkpoint with a "
+            f"'vae' config; is it a python -m transfusion_jax.train_vae workdir?)"
+        )
+    v = stored["vae"]
+    scale, shift = trained_normalisation(v, info)
+    return LatentSpace(str(path), 2 ** (len(v["channels"]) - 1), v["latent_channels"], scale, shift)
+
+
+def trained_normalisation(vae_cfg, info: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) of a VAE we trained: 1 / std and mean of each latent channel as measured
+    when the step was saved, so the model diffuses unit-variance latents; the config's scalars
+    for a step saved without statistics."""
+    channels = int(vae_cfg["latent_channels"])
+    if "latent_std" in info:
+        scale = 1.0 / np.maximum(np.asarray(info["latent_std"], np.float32), 1e-6)
+        return scale, np.asarray(info["latent_mean"], np.float32)
+    return (
+        np.full(channels, vae_cfg["scaling_factor"], np.float32),
+        np.full(channels, vae_cfg["shift_factor"], np.float32),
+    )

@@ -1,0 +1,109 @@
+"""The VAE's training program: Transfusion's `TrainProgram` (sharded state, the non-finite guard,
+EMA, AOT compile) with the autoencoder (and an optional discriminator) as the model and
+`vae_loss` as the objective; plus the held-out scores and the latent statistics.
+
+The state's params are `{"autoencoder": ..., "discriminator": ...}` (the second only with
+`loss.disc_weight` > 0); one AdamW updates both, since each side's gradient is its own (loss.py).
+"""
+
+import dataclasses
+
+import dm_pix
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from transfusion_jax import sharding as shd
+from transfusion_jax.train_step import TrainProgram
+from transfusion_jax.vae.autoencoder import AutoencoderKL
+from transfusion_jax.vae.config import resolve_vae
+from transfusion_jax.vae.loss import PatchDiscriminator, vae_loss
+
+
+class VAETraining(nnx.Module):
+    """The trained modules, as one tree."""
+
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        self.autoencoder = AutoencoderKL(cfg.vae, rngs)
+        loss = cfg.loss
+        self.discriminator = (
+            PatchDiscriminator(loss.disc_channels, loss.disc_layers, rngs)
+            if loss.disc_weight > 0
+            else None
+        )
+
+
+@dataclasses.dataclass
+class VAETrainProgram(TrainProgram):
+    resolve = staticmethod(resolve_vae)
+
+    def make_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        return VAETraining(self.cfg, rngs)
+
+    def setup(self) -> None:
+        pass
+
+    def loss(self, params, batch, rng, counts=None, step=None):
+        del counts
+        model = self.model(params)
+        step = jnp.zeros((), jnp.int32) if step is None else step
+        return vae_loss(model.autoencoder, model.discriminator, batch, rng, step, self.cfg.loss)
+
+    # -- outside the step -----------------------------------------------------------------------
+
+    def autoencoder(self, params) -> AutoencoderKL:
+        return self.model(params).autoencoder
+
+    def compile_scores(self, shape):
+        """Per-image (psnr, ssim, l1) of the posterior-mean reconstructions of images `shape`."""
+
+        def scores(params, images):
+            autoencoder = self.autoencoder(params)
+            mean, _ = autoencoder.encode(images)
+            reconstruction = jnp.clip(autoencoder.decode(mean), -1.0, 1.0)
+            x, y = (images + 1.0) / 2.0, (reconstruction + 1.0) / 2.0  # [0, 1] for the metrics
+            return dict(
+                psnr=dm_pix.psnr(x, y),
+                ssim=dm_pix.ssim(x, y),
+                l1=jnp.mean(jnp.abs(x - y), axis=(1, 2, 3)),
+            )
+
+        return self._compile_on_params(scores, shape)
+
+    def compile_latents(self, shape):
+        """Posterior samples z (a fixed key) of images `shape`, for the latent statistics."""
+
+        def latents(params, images):
+            mean, logvar = self.autoencoder(params).encode(images)
+            noise = jax.random.normal(jax.random.key(0), mean.shape, mean.dtype)
+            return mean + jnp.exp(0.5 * logvar) * noise
+
+        return self._compile_on_params(latents, shape)
+
+    def _compile_on_params(self, fn, shape):
+        images = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self.batch_sharding)
+        params = self.abstract_state().params
+        return (
+            jax.jit(fn, in_shardings=(self.param_shardings, self.batch_sharding))
+            .lower(params, images)
+            .compile()
+        )
+
+
+def batched(compiled, params, images: np.ndarray, batch_size: int, mesh):
+    """`compiled` over `images` in batches of `batch_size` (the last one padded by repeating the
+    first image, the padding dropped), concatenated on the host."""
+    outputs, n = [], len(images)
+    for start in range(0, n, batch_size):
+        chunk = images[start : start + batch_size]
+        pad = batch_size - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)])
+        # Every process holds all of `chunk`: each device takes its rows from it.
+        sharding = shd.batch_sharding(mesh)
+        array = jax.make_array_from_callback(chunk.shape, sharding, chunk.__getitem__)
+        out = jax.device_get(compiled(params, array))
+        keep = batch_size - pad
+        outputs.append(jax.tree.map(lambda x, keep=keep: x[:keep], out))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)

@@ -1,0 +1,45 @@
+"""A VAE from one of our own training directories (`python -m transfusion_jax.train_vae`).
+
+The weights are restored like any run's (the newest checkpoint that restores, or `step`), with the
+config stored in that checkpoint; the latent normalisation comes from the per-channel mean and std
+measured on that step's weights when it was saved: z_norm = (z - mean) / std, so every channel of
+the latents the model diffuses has unit variance.
+"""
+
+import logging
+import pathlib
+
+import jax
+from flax import nnx
+
+from transfusion_jax.checkpoint import Checkpointer, restore_trained
+from transfusion_jax.sharding import make_mesh
+from transfusion_jax.vae.autoencoder import VAE, AutoencoderKL
+from transfusion_jax.vae.latent_space import trained_normalisation
+
+log = logging.getLogger(__name__)
+
+
+def load_workdir(
+    path, step: int | None = None, ema: bool = False, dtype=None, param_dtype=None
+) -> VAE:
+    from transfusion_jax.vae.train_step import VAETrainProgram  # the trainer, only when needed
+
+    path = pathlib.Path(path)
+    mesh = make_mesh(1, 1, 1, jax.local_devices()[:1])
+    program, state, step = restore_trained(path, lambda cfg: VAETrainProgram(cfg, mesh), step)
+    if ema and not state.ema_params:
+        raise ValueError(f"{path}: the run kept no EMA weights (train.ema_decay=0)")
+    params = (state.ema_params if ema else state.params)["autoencoder"]
+    cfg = program.cfg.vae
+    cfg.dtype, cfg.param_dtype = dtype or cfg.dtype, param_dtype or cfg.param_dtype
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: AutoencoderKL(cfg, nnx.Rngs(0))))
+    params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), params)
+    nnx.replace_by_pure_dict(abstract, params)
+    module = nnx.merge(graphdef, abstract)
+    checkpoints = Checkpointer(path / "checkpoints", keep=None, read_only=True)
+    info = checkpoints.saved_info(step) or {}
+    checkpoints.close()
+    if "latent_std" not in info:
+        log.warning("%s: step %d stores no latent statistics; using vae.scaling_factor", path, step)
+    return VAE(module, cfg, *trained_normalisation(cfg, info))
