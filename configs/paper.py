@@ -27,4 +27,7 @@ def get_config(arg=None):
     c.model.dtype = "bfloat16"
     c.patch.kind = kind or "linear"
     c.image.max_images = 8
+    # The paper's latent space: give the VAE with --config.image.vae_path=PATH (a diffusers
+    # AutoencoderKL directory or a train_vae workdir of configs/vae_paper.py).
+    c.data.latents = "vae"
     return c

@@ -246,3 +246,53 @@ def test_unusable_directories_say_what_is_expected(saved, tmp_path):
         load_vae(empty)
     with pytest.raises(FileNotFoundError, match="no such VAE directory"):
         load_vae(tmp_path / "absent")
+
+
+def test_lpips_matches_a_torch_vgg16_reference(tmp_path):
+    """The perceptual distance against the same formula in PyTorch on torchvision's VGG16 layer
+    layout (features.N), random weights and random lin weights, loaded from safetensors."""
+    from safetensors.torch import save_file
+
+    from transfusion_jax.vae.perceptual import load_lpips
+
+    torch.manual_seed(0)
+    layers, c = [], 3
+    for item in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
+        if item == "M":
+            layers.append(torch.nn.MaxPool2d(2, 2))
+        else:
+            layers += [torch.nn.Conv2d(c, item, 3, padding=1), torch.nn.ReLU()]
+            c = item
+    features = torch.nn.Sequential(*layers)
+    lins = [torch.rand(1, w, 1, 1) for w in (64, 128, 256, 512, 512)]
+    tensors = {f"features.{k}": v for k, v in features.state_dict().items()}
+    tensors.update({f"lin{i}.model.1.weight": w for i, w in enumerate(lins)})
+    save_file(tensors, str(tmp_path / "lpips.safetensors"))
+
+    rng = np.random.default_rng(0)
+    x, y = (rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32) for _ in range(2))
+
+    def reference(a, b):
+        shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+        scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+        ha, hb = (nchw(a) - shift) / scale, (nchw(b) - shift) / scale
+        total, tap = 0.0, 0
+        for index, layer in enumerate(features):
+            ha, hb = layer(ha), layer(hb)
+            if index in (3, 8, 15, 22, 29):
+                na = ha / (ha.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                nb = hb / (hb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+                total = total + ((na - nb) ** 2 * lins[tap]).sum(1).mean((1, 2))
+                tap += 1
+        return total.numpy()
+
+    with torch.no_grad():
+        expected = reference(x, y)
+    ours = np.asarray(load_lpips(tmp_path / "lpips.safetensors")(x, y))
+    np.testing.assert_allclose(ours, expected, rtol=1e-4)
+    assert np.all(np.asarray(load_lpips(tmp_path / "lpips.safetensors")(x, x)) < 1e-6)
+    save_file(
+        {"features.0.weight": tensors["features.0.weight"]}, str(tmp_path / "bad.safetensors")
+    )
+    with pytest.raises(ValueError, match="bad.safetensors lacks torchvision VGG16 tensors"):
+        load_lpips(tmp_path / "bad.safetensors")

@@ -309,7 +309,7 @@ def test_the_train_step_encodes_pixels_as_the_vae_does(folder, trained_vae):
     program = TrainProgram(cfg, make_mesh(1, 1, 1, ONE_DEVICE))
     batch = next(make_source(cfg, 2))
     assert batch.latents.shape[2:] == (SIZE, SIZE, 3)  # pixels travel to the devices
-    encoded = program.encode_images(program.vae_params, jax.tree.map(jnp.asarray, batch), None)
+    encoded = program.encode_images(program.frozen, jax.tree.map(jnp.asarray, batch), None)
     vae = load_vae(trained_vae)
     flat = batch.latents.reshape(-1, SIZE, SIZE, 3)
     expected = np.asarray(vae.latents(flat)).reshape(*batch.latents.shape[:2], 8, 8, 4)
@@ -376,3 +376,38 @@ def test_config_files_build(folder):
     tiny.data.image_size = 30
     with pytest.raises(ValueError, match="data.image_size: 30 is not a multiple of the VAE's"):
         VAETrainProgram.resolve(tiny)
+
+
+def test_the_perceptual_loss_trains_with_user_supplied_vgg_weights(tmp_path):
+    from safetensors.numpy import save_file
+
+    from transfusion_jax.vae.perceptual import VGG16, load_lpips
+
+    rng = np.random.default_rng(0)
+    tensors, c, index = {}, 3, 0
+    for item in VGG16:  # random weights in torchvision's layout: features.N.weight [O, I, 3, 3]
+        if item == "M":
+            index += 1
+            continue
+        tensors[f"features.{index}.weight"] = rng.normal(0, 0.1, (item, c, 3, 3)).astype("f4")
+        tensors[f"features.{index}.bias"] = np.zeros(item, "f4")
+        c, index = item, index + 2
+    save_file(tensors, str(tmp_path / "vgg.safetensors"))
+    cfg = vae_test_config("unused")
+    cfg.loss.update(perceptual_weight=1.0, perceptual_path=str(tmp_path / "vgg.safetensors"))
+    program = VAETrainProgram(cfg, make_mesh(1, 1, 1, ONE_DEVICE))
+    x = smooth_images(4, SIZE).astype(np.float32) / 127.5 - 1
+    state = program.init_state(0)
+    # The logged term is LPIPS of the images and their reconstruction (recomputed here first:
+    # the step consumes the state).
+    module = program.autoencoder(state.params)
+    mean, logvar = module.encode(x)
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    expected = np.mean(load_lpips(tmp_path / "vgg.safetensors")(x, module.decode(z)))
+    _, metrics = program.compile(x)(state, x)
+    np.testing.assert_allclose(float(metrics["perceptual"]), expected, rtol=1e-4)
+    no_weights = vae_test_config("unused")
+    no_weights.loss.perceptual_weight = 1.0
+    with pytest.raises(ValueError, match="loss.perceptual_path: loss.perceptual_weight > 0 needs"):
+        VAETrainProgram.resolve(no_weights)

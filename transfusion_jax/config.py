@@ -229,6 +229,14 @@ def _follow_the_vae(cfg) -> None:
     from transfusion_jax.vae.latent_space import latent_space
 
     im = cfg.image
+    if not im.vae_path:  # shape-only uses (parameter counts, memory proofs) need no VAE
+        _check(
+            im.latent_size > 0 and im.latent_channels > 0,
+            "image.vae_path",
+            "data.latents='vae' needs the VAE, a diffusers AutoencoderKL directory or a workdir "
+            "of python -m transfusion_jax.train_vae",
+        )
+        return
     space = latent_space(im.vae_path)
     size = space.latent_size(cfg.data.image_size)
     for key, value in (("latent_size", size), ("latent_channels", space.channels)):
@@ -243,8 +251,8 @@ def _follow_the_vae(cfg) -> None:
 
 def images_arrive_as_pixels(cfg) -> bool:
     """True when batches carry images as pixels that the train step encodes with the VAE (a
-    latent cache carries latents already)."""
-    return cfg.data.latents == "vae" and cfg.data.source != "cached"
+    latent cache carries latents already, and so does the synthetic benchmark source)."""
+    return cfg.data.latents == "vae" and cfg.data.source not in ("cached", "synthetic")
 
 
 def carried_image_shape(cfg) -> tuple[int, int, int]:

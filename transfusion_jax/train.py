@@ -159,8 +159,17 @@ class TransfusionTask:
 
     unit = "tokens"  # throughput is reported per this unit
     logged = ("loss", "lm_loss", "diffusion_loss", "learning_rate", "grad_norm")
-    resolve = staticmethod(resolve_model)
     default_config = staticmethod(base_config)
+
+    @staticmethod
+    def resolve(cfg):
+        """The checked config; a latent-space run's VAE must be there before anything starts."""
+        cfg = resolve_model(cfg)
+        if cfg.data.latents == "vae" and cfg.data.source != "synthetic":
+            from transfusion_jax.vae.latent_space import latent_space
+
+            latent_space(cfg.image.vae_path)  # raises naming image.vae_path
+        return cfg
 
     def __init__(self, cfg, mesh):
         self.cfg = cfg

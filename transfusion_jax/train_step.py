@@ -64,15 +64,28 @@ class TrainProgram:
         if images_arrive_as_pixels(self.cfg):
             from transfusion_jax.vae import load_vae
 
-            self.vae = load_vae(self.cfg.image.vae_path, dtype=self.cfg.model.dtype)
-            state = nnx.state(self.vae.module, nnx.Param)
-            logical = nnx.to_pure_dict(nnx.get_partition_spec(state))
-            params = nnx.to_pure_dict(state)
+            try:
+                self.vae = load_vae(self.cfg.image.vae_path, dtype=self.cfg.model.dtype)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"config field image.vae_path: {e}") from e
             self.vae_graphdef = nnx.graphdef(self.vae.module)
-            self.vae_shardings = shd.param_shardings(logical, params, self.mesh)
-            self.vae_params = jax.device_put(params, self.vae_shardings)
+            self.freeze(self.vae.module)
+
+    def freeze(self, module: nnx.Module, replicate: bool = False) -> None:
+        """Places `module`'s weights on the mesh (sharded by their logical axis names, or
+        replicated) as the step's frozen weights: an argument of every step, used but not
+        trained (the VAE encoder here, the perceptual network of the VAE trainer)."""
+        state = nnx.state(module, nnx.Param)
+        params = nnx.to_pure_dict(state)
+        if replicate:
+            self.frozen_shardings = jax.tree.map(lambda _: shd.replicated(self.mesh), params)
+        else:
+            logical = nnx.to_pure_dict(nnx.get_partition_spec(state))
+            self.frozen_shardings = shd.param_shardings(logical, params, self.mesh)
+        self.frozen = jax.device_put(params, self.frozen_shardings)
 
     def __post_init__(self):
+        self.frozen = self.frozen_shardings = None
         self.cfg = self.resolve(self.cfg)
         abstract = nnx.eval_shape(lambda: self.make_model(nnx.Rngs(0)))
         self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)  # fails on other state
@@ -144,21 +157,21 @@ class TrainProgram:
     def model(self, params) -> Transfusion:
         return nnx.merge(self.graphdef, params)
 
-    def loss(self, params, batch: Batch, rng, counts=None, step=None):
+    def loss(self, params, batch: Batch, rng, counts=None, step=None, frozen=None):
         """(loss, metrics) of a batch; `step` (the optimizer step) is for losses that change
-        over a run (the VAE's discriminator starts late)."""
-        del step
+        over a run (the VAE's discriminator starts late), `frozen` the frozen weights."""
+        del step, frozen
         return transfusion_loss(
             self.model(params), batch, rng, self.diffusion, self.cfg.diffusion.loss_weight, counts
         )
 
-    def _gradients(self, params, batch: Batch, rng, step=None):
+    def _gradients(self, params, batch: Batch, rng, step=None, frozen=None):
         """Gradients and metrics of the whole batch, summed over `train.grad_accum_steps`
         micro-batches whose losses are normalised by the whole batch's counts."""
         k = self.cfg.train.grad_accum_steps
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
         if k == 1:
-            (_, metrics), grads = grad_fn(params, batch, rng, step=step)
+            (_, metrics), grads = grad_fn(params, batch, rng, step=step, frozen=frozen)
             return grads, metrics
 
         # Micro-batch i takes rows i, i+k, ...: every device keeps its share of every micro-batch.
@@ -171,7 +184,9 @@ class TrainProgram:
 
         def micro_step(i, micro_batch):
             key = jax.random.fold_in(rng, i)
-            (_, metrics), grads = grad_fn(params, micro_batch, key, counts, step=step)
+            (_, metrics), grads = grad_fn(
+                params, micro_batch, key, counts, step=step, frozen=frozen
+            )
             return grads, metrics
 
         def accumulate(carry, inputs):
@@ -193,11 +208,11 @@ class TrainProgram:
         z = (z - self.vae.shift) * self.vae.scale
         return batch.replace(latents=z.reshape(*x.shape[:2], *z.shape[1:]).astype(jnp.float32))
 
-    def train_step(self, state: TrainState, batch: Batch, vae_params=None):
+    def train_step(self, state: TrainState, batch: Batch, frozen=None):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        if vae_params is not None:
-            batch = self.encode_images(vae_params, batch, jax.random.fold_in(rng, ENCODE_STREAM))
-        grads, metrics = self._gradients(state.params, batch, rng, state.step)
+        if self.vae is not None:
+            batch = self.encode_images(frozen, batch, jax.random.fold_in(rng, ENCODE_STREAM))
+        grads, metrics = self._gradients(state.params, batch, rng, state.step, frozen)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -235,27 +250,27 @@ class TrainProgram:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.batch_sharding),
             batch_shapes,
         )
-        encoder = () if getattr(self, "vae", None) is None else (self.vae_shardings,)
+        frozen = () if self.frozen is None else (self.frozen_shardings,)
         step = jax.jit(
             self.train_step,
-            in_shardings=(self.state_shardings, self.batch_sharding, *encoder),
+            in_shardings=(self.state_shardings, self.batch_sharding, *frozen),
             out_shardings=(self.state_shardings, shd.replicated(self.mesh)),
             donate_argnums=(0,),
         )
-        if not encoder:
+        if not frozen:
             return step.lower(self.abstract_state(), abstract_batch).compile()
-        compiled = step.lower(self.abstract_state(), abstract_batch, self.vae_params).compile()
-        return EncodingStep(compiled, self.vae_params)
+        compiled = step.lower(self.abstract_state(), abstract_batch, self.frozen).compile()
+        return FrozenBound(compiled, self.frozen)
 
 
-class EncodingStep:
-    """A compiled step with the frozen VAE weights bound: called as `step(state, batch)`."""
+class FrozenBound:
+    """A compiled step with its frozen weights bound: called as `step(state, batch)`."""
 
-    def __init__(self, compiled, vae_params):
-        self.compiled, self.vae_params = compiled, vae_params
+    def __init__(self, compiled, frozen):
+        self.compiled, self.frozen = compiled, frozen
 
     def __call__(self, state, batch):
-        return self.compiled(state, batch, self.vae_params)
+        return self.compiled(state, batch, self.frozen)
 
     def memory_analysis(self):
         return self.compiled.memory_analysis()

@@ -36,6 +36,8 @@ class VAETask:
         self.units_per_step = cfg.train.batch_size
         self.flops_per_unit = 0.0  # convolutions: no MFU
         self.logged = ("loss", "l1", "l2", "kl", "psnr", "learning_rate", "grad_norm")
+        if cfg.loss.perceptual_weight > 0:
+            self.logged += ("perceptual",)
         if cfg.loss.disc_weight > 0:
             self.logged += ("g_loss", "d_loss")
         t = cfg.train

@@ -68,6 +68,10 @@ def vae_base_config() -> ml_collections.ConfigDict:
     # beta: the KL to N(0, I), summed over a latent and divided by the image's pixel values, so
     # the weight means what LDM's kl_weight means (1e-6) against a per-pixel reconstruction loss.
     c.loss.kl_weight = 1e-6
+    # LPIPS weight (LDM: 1.0); needs loss.perceptual_path. 0 = no perceptual loss.
+    c.loss.perceptual_weight = 0.0
+    # A safetensors file of torchvision VGG16 features.* tensors (+ lpips' lin0..lin4).
+    c.loss.perceptual_path = ""
     c.loss.disc_weight = 0.0  # PatchGAN adversarial loss weight; 0 = no discriminator.
     c.loss.disc_start = 50_001  # Optimizer step at which the discriminator starts.
     c.loss.disc_channels = 64  # Width of the discriminator's first layer.
@@ -125,6 +129,16 @@ def resolve_vae(cfg) -> ml_collections.ConfigDict:
         f"{cfg.train.nan_policy!r} is not 'stop' or 'skip'",
     )
     _check(cfg.loss.disc_layers >= 1, "loss.disc_layers", "needs at least 1")
+    _check(
+        cfg.loss.perceptual_weight == 0 or bool(cfg.loss.perceptual_path),
+        "loss.perceptual_path",
+        "loss.perceptual_weight > 0 needs the VGG16 weights (see vae/perceptual.py)",
+    )
+    _check(
+        cfg.loss.perceptual_weight == 0 or size % 16 == 0,
+        "data.image_size",
+        f"{size}: the perceptual loss's VGG16 pools 4 times, so it needs a multiple of 16",
+    )
     return cfg
 
 

@@ -1,6 +1,7 @@
 """The autoencoder's objective: reconstruction + beta * KL, and an optional PatchGAN.
 
   loss = l1_weight * |x - x'| + l2_weight * (x - x')^2 + kl_weight * KL
+         + perceptual_weight * LPIPS(x, x')                              (perceptual.py)
          + [step >= disc_start] * disc_weight * (-D(x'))            (generator side)
          + [step >= disc_start] * hinge(D(x), D(x'))                 (discriminator side)
 
@@ -75,8 +76,9 @@ class PatchDiscriminator(nnx.Module):
         return self.last(h)
 
 
-def vae_loss(autoencoder, discriminator, x, key, step, loss_cfg):
-    """(loss, metrics) of a batch of images x [B, H, W, 3] in [-1, 1]."""
+def vae_loss(autoencoder, discriminator, x, key, step, loss_cfg, lpips=None):
+    """(loss, metrics) of a batch of images x [B, H, W, 3] in [-1, 1]; `lpips` (frozen) adds
+    loss.perceptual_weight times the perceptual distance."""
     mean, logvar = autoencoder.encode(x)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
     reconstruction = autoencoder.decode(z)
@@ -87,6 +89,10 @@ def vae_loss(autoencoder, discriminator, x, key, step, loss_cfg):
     kl = jnp.mean(kl_to_standard_normal(mean, logvar)) / pixel_values
     loss = loss_cfg.l1_weight * l1 + loss_cfg.l2_weight * l2 + loss_cfg.kl_weight * kl
     metrics = dict(l1=l1, l2=l2, kl=kl, psnr=jnp.mean(psnr(reconstruction, x)))
+    if lpips is not None:
+        perceptual = jnp.mean(lpips(x, reconstruction))
+        loss = loss + loss_cfg.perceptual_weight * perceptual
+        metrics["perceptual"] = perceptual
     if discriminator is not None:
         on = (step >= loss_cfg.disc_start).astype(jnp.float32)
         frozen = jax.tree.map(jax.lax.stop_gradient, nnx.state(discriminator))

@@ -19,6 +19,7 @@ from transfusion_jax.train_step import TrainProgram
 from transfusion_jax.vae.autoencoder import AutoencoderKL
 from transfusion_jax.vae.config import resolve_vae
 from transfusion_jax.vae.loss import PatchDiscriminator, vae_loss
+from transfusion_jax.vae.perceptual import load_lpips
 
 
 class VAETraining(nnx.Module):
@@ -42,13 +43,21 @@ class VAETrainProgram(TrainProgram):
         return VAETraining(self.cfg, rngs)
 
     def setup(self) -> None:
-        pass
+        """The perceptual network, frozen, when loss.perceptual_weight > 0."""
+        self.vae = None  # the step encodes nothing: it trains the encoder
+        if self.cfg.loss.perceptual_weight > 0:
+            lpips = load_lpips(self.cfg.loss.perceptual_path)
+            self.lpips_graphdef = nnx.graphdef(lpips)
+            self.freeze(lpips, replicate=True)
 
-    def loss(self, params, batch, rng, counts=None, step=None):
+    def loss(self, params, batch, rng, counts=None, step=None, frozen=None):
         del counts
         model = self.model(params)
         step = jnp.zeros((), jnp.int32) if step is None else step
-        return vae_loss(model.autoencoder, model.discriminator, batch, rng, step, self.cfg.loss)
+        lpips = None if frozen is None else nnx.merge(self.lpips_graphdef, frozen)
+        return vae_loss(
+            model.autoencoder, model.discriminator, batch, rng, step, self.cfg.loss, lpips
+        )
 
     # -- outside the step -----------------------------------------------------------------------
 
