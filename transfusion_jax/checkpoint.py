@@ -229,11 +229,12 @@ class Checkpointer:
                 log.warning("closing the checkpoint manager: %s", first_line(e))
 
 
-def restore_trained(workdir, make_program, step: int | None = None):
+def restore_trained(workdir, make_program, step: int | None = None, defaults=None):
     """(program, state, step) of a finished or running training directory, for inference: the
     given step, or else the newest one that restores (a damaged one is named in a warning and
     skipped), each restored by `make_program(config)` built from the config stored with it (so
-    a run whose config changed on resume restores every step as it was trained)."""
+    a run whose config changed on resume restores every step as it was trained). `defaults()`
+    gives keys added to the project since the run was saved their default values."""
     workdir = pathlib.Path(workdir)
     checkpoints = Checkpointer(workdir / "checkpoints", keep=None, read_only=True)
     try:
@@ -249,7 +250,9 @@ def restore_trained(workdir, make_program, step: int | None = None):
             stored = checkpoints.config_of(candidate)
             if stored is None:
                 raise FileNotFoundError(f"{workdir}: no config.json")
-            program = make_program(ml_collections.ConfigDict(stored))
+            cfg = defaults() if defaults is not None else ml_collections.ConfigDict()
+            cfg.update(stored)
+            program = make_program(cfg)
             try:
                 state, _ = checkpoints.restore(candidate, program.abstract_state())
             except Exception as e:  # noqa: BLE001 - damaged: try the step before

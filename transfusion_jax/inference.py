@@ -24,7 +24,7 @@ from PIL import Image as PILImage
 from tqdm import tqdm
 
 from transfusion_jax.checkpoint import restore_trained
-from transfusion_jax.config import resolve_model
+from transfusion_jax.config import base_config, resolve_model
 from transfusion_jax.data.images import load_image, to_uint8
 from transfusion_jax.data.tokenizer import make_tokenizer
 from transfusion_jax.diffusion import Diffusion
@@ -287,7 +287,9 @@ def load_trained(workdir, use_ema: bool = False, step: int | None = None, mesh=N
             raise ValueError(f"{workdir}: an export holds one set of weights (no ema, no step)")
         return load_exported(workdir, mesh)
     mesh = mesh or make_mesh(1, 1, 1, jax.local_devices()[:1])
-    program, state, step = restore_trained(workdir, lambda cfg: TrainProgram(cfg, mesh), step)
+    program, state, step = restore_trained(
+        workdir, lambda cfg: TrainProgram(cfg, mesh), step, defaults=base_config
+    )
     if use_ema and not state.ema_params:
         raise ValueError(f"--workdir {workdir}: the run kept no EMA weights (train.ema_decay=0)")
     params = state.ema_params if use_ema else state.params

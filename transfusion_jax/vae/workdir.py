@@ -23,11 +23,14 @@ log = logging.getLogger(__name__)
 def load_workdir(
     path, step: int | None = None, ema: bool = False, dtype=None, param_dtype=None
 ) -> VAE:
+    from transfusion_jax.vae.config import vae_base_config
     from transfusion_jax.vae.train_step import VAETrainProgram  # the trainer, only when needed
 
     path = pathlib.Path(path)
     mesh = make_mesh(1, 1, 1, jax.local_devices()[:1])
-    program, state, step = restore_trained(path, lambda cfg: VAETrainProgram(cfg, mesh), step)
+    program, state, step = restore_trained(
+        path, lambda cfg: VAETrainProgram(cfg, mesh), step, defaults=vae_base_config
+    )
     if ema and not state.ema_params:
         raise ValueError(f"{path}: the run kept no EMA weights (train.ema_decay=0)")
     params = (state.ema_params if ema else state.params)["autoencoder"]
