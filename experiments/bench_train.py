@@ -89,6 +89,7 @@ def main():
     cfg = reference_config() if args.preset else load_config(args.config)
     cfg.train.batch_size = args.batch or cfg.train.batch_size
     cfg.data.seq_len = args.seq or cfg.data.seq_len
+    cfg.data.source = "synthetic"  # latents as the model sees them: no VAE, no files
     cfg.model.dtype = args.dtype or cfg.model.dtype
     cfg.model.remat_policy = args.remat or cfg.model.remat_policy
     cfg = resolve_model(cfg)

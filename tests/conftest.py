@@ -23,6 +23,7 @@ SLOW_MODULES = {
     "test_readme",
     "test_sample_cli",
     "test_training",
+    "test_vae_training",
 }
 SLOW_TESTS = {
     "test_pixel_space_latents_follow_the_image_size",

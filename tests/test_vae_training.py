@@ -20,11 +20,12 @@ from PIL import Image as PILImage
 from tests.helpers import ROOT, tiny_config
 from transfusion_jax.config import load_config, resolve_model
 from transfusion_jax.data import make_source
+from transfusion_jax.data.images import load_image
 from transfusion_jax.sharding import make_mesh
 from transfusion_jax.train import train
 from transfusion_jax.train_vae import train_vae
 from transfusion_jax.vae import load_vae
-from transfusion_jax.vae.autoencoder import AutoencoderKL
+from transfusion_jax.vae.autoencoder import AutoencoderKL, sample_posterior
 from transfusion_jax.vae.data import ImageBatches, first_images, held_out
 from transfusion_jax.vae.loss import kl_to_standard_normal, psnr, vae_loss
 from transfusion_jax.vae.train_step import VAETrainProgram
@@ -164,7 +165,8 @@ def test_held_out_scores_match_scikit_image(folder):
         assert abs(float(scores["ssim"][i]) - ssim) < 1e-3, (scores["ssim"][i], ssim)
         expected_psnr = skimage_metrics.peak_signal_noise_ratio(x[i], y[i], data_range=1.0)
         assert abs(float(scores["psnr"][i]) - expected_psnr) < 1e-2
-        np.testing.assert_allclose(scores["l1"][i], np.abs(x[i] - y[i]).mean(), rtol=1e-4)
+        l1 = np.abs(images[i] - rebuilt[i]).mean()  # on [-1, 1], as the training l1
+        np.testing.assert_allclose(scores["l1"][i], l1, rtol=1e-4)
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -266,7 +268,17 @@ def test_a_bad_vae_path_fails_at_start_naming_it(tmp_path, folder):
     cfg.image.vae_path = str(transfusion_run)
     with pytest.raises(ValueError, match="holds no trained VAE"):
         train(cfg, tmp_path / "never", devices=ONE_DEVICE)
-    assert not (tmp_path / "never" / "checkpoints").exists()
+    # A diffusers directory whose config is fine but whose weights file is not.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(
+        json.dumps({"_class_name": "AutoencoderKL", "block_out_channels": [8, 16]})
+    )
+    (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 64)
+    cfg.image.vae_path = str(broken)
+    with pytest.raises(ValueError, match="image.vae_path: .*not a readable safetensors file"):
+        train(cfg, tmp_path / "never", devices=ONE_DEVICE)
+    assert not (tmp_path / "never").exists()  # refused before the workdir was made
 
 
 def test_latent_size_follows_the_vae_and_must_agree(folder, trained_vae):
@@ -314,6 +326,16 @@ def test_the_train_step_encodes_pixels_as_the_vae_does(folder, trained_vae):
     flat = batch.latents.reshape(-1, SIZE, SIZE, 3)
     expected = np.asarray(vae.latents(flat)).reshape(*batch.latents.shape[:2], 8, 8, 4)
     np.testing.assert_allclose(encoded.latents, expected, atol=1e-5)
+    # With image.vae_sample, a posterior sample drawn with the step's key.
+    cfg.image.vae_sample = True
+    program = TrainProgram(cfg, make_mesh(1, 1, 1, ONE_DEVICE))
+    key = jax.random.key(11)
+    encoded = program.encode_images(program.frozen, jax.tree.map(jnp.asarray, batch), key)
+    sampled = vae.normalize(sample_posterior(*vae.encode(flat), key))
+    np.testing.assert_allclose(
+        encoded.latents, np.asarray(sampled).reshape(encoded.latents.shape), atol=1e-5
+    )
+    assert np.abs(encoded.latents - expected).max() > 1e-3
 
 
 def test_latent_cache_holds_the_posterior_and_is_checked(folder, trained_vae, tmp_path):
@@ -325,17 +347,27 @@ def test_latent_cache_holds_the_posterior_and_is_checked(folder, trained_vae, tm
     written, skipped = write_cache(records, SIZE, tmp_path / "z.array_record", vae=vae, batch=16)
     assert (written, skipped) == (40, 0)
     cached = CachedSource(tmp_path / "z.array_record")
-    first = first_images(vae_test_config(folder), 1, held=False)  # record 0 if not held out
-    index = 0 if not held_out(records[0]["origin"], 20.0) else None
-    if index is not None:
-        mean, logvar = (np.asarray(a)[0] for a in vae.encode(first))
-        np.testing.assert_allclose(cached[0]["latent"], mean, atol=2e-2)  # float16
-        np.testing.assert_allclose(cached[0]["logvar"], logvar, atol=5e-2)
+    pixels = np.stack([load_image(records[i]["image"], SIZE) for i in range(40)])
+    mean, logvar = (np.asarray(a) for a in vae.encode(pixels))
+    np.testing.assert_allclose(np.stack([cached[i]["latent"] for i in range(40)]), mean, atol=2e-2)
+    np.testing.assert_allclose(cached[3]["logvar"], logvar[3], atol=5e-2)  # float16 storage
+    # Read for training: normalised by the VAE's statistics, the posterior mean or a sample.
+    normalised = np.asarray(vae.normalize(mean)).reshape(40, -1)
     cfg = latent_config(tmp_path / "z.array_record", trained_vae, source="cached")
-    cfg.image.vae_sample = False
-    batch = next(make_source(cfg, 2))
-    used = batch.latents[:, 0].reshape(-1, 4)
-    assert batch.latents.shape[2:] == (8, 8, 4) and np.abs(used).max() < 10
+    for sample in (False, True):
+        cfg.image.vae_sample = sample
+        batch = next(make_source(cfg, 2))
+        assert batch.latents.shape[2:] == (8, 8, 4)
+        got = batch.latents[:, 0].reshape(2, -1)  # the first image of each row
+        distance = np.abs(got[:, None] - normalised[None]).max(axis=-1).min(axis=1)
+        if not sample:
+            assert distance.max() < 2e-2  # exactly some record's normalised mean
+        else:
+            assert distance.min() > 0.05  # a draw from the posterior, not its mean
+            row = int(np.abs(got[0][None] - normalised).mean(axis=-1).argmin())
+            std = np.exp(0.5 * logvar[row]).reshape(-1) * np.tile(vae.scale, 64)
+            z = (got[0] - normalised[row]) / std
+            assert abs(float(z.mean())) < 0.3 and 0.7 < float(z.std()) < 1.3
     write_cache(records, SIZE, tmp_path / "pixels.array_record")
     cfg.data.path = str(tmp_path / "pixels.array_record")
     with pytest.raises(ValueError, match="holds pixels; write it again .* --vae PATH"):
@@ -358,6 +390,8 @@ def test_transfusion_trains_in_latent_space_and_sample_writes_decoded_pngs(
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("000.png", "001.png"):
         assert PILImage.open(out / name).size == (SIZE, SIZE)  # decoded: pixels, not 8x8x4
+    with pytest.raises(ValueError, match="holds no trained VAE"):
+        load_vae(workdir)  # a Transfusion run is not a VAE
     cmd = [sys.executable, "-m", "transfusion_jax.sample", "--workdir", str(workdir)]
     cmd += ["--image", str(folder / "images" / "0.png"), "--max_new_tokens", "3"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -411,3 +445,14 @@ def test_the_perceptual_loss_trains_with_user_supplied_vgg_weights(tmp_path):
     no_weights.loss.perceptual_weight = 1.0
     with pytest.raises(ValueError, match="loss.perceptual_path: loss.perceptual_weight > 0 needs"):
         VAETrainProgram.resolve(no_weights)
+
+
+def test_vae_training_shards_over_devices_and_evaluates(folder, tmp_path):
+    cfg = vae_test_config(folder, num_steps=3, checkpoint_every=3, eval_every=3)
+    cfg.mesh.update(data=1, fsdp=2, tensor=1)
+    record = train_vae(cfg, tmp_path / "sharded", devices=jax.devices()[:2])
+    assert record["step"] == 3 and record["val_psnr"] > 0
+    info = json.loads(
+        (tmp_path / "sharded" / "checkpoints" / "3" / "info" / "metadata").read_text()
+    )
+    assert len(info["latent_std"]) == 4 and min(info["latent_std"]) > 0

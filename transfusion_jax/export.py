@@ -56,7 +56,8 @@ def load_exported(path, mesh=None):
         if metadata.get("format") != FORMAT or "config" not in metadata:
             raise ValueError(f"{path}: not a transfusion_jax export (no config in its metadata)")
         cfg = ml_collections.ConfigDict(json.loads(metadata["config"]))
-        program = TrainProgram(cfg, mesh or make_mesh(1, 1, 1, jax.local_devices()[:1]))
+        mesh = mesh or make_mesh(1, 1, 1, jax.local_devices()[:1])
+        program = TrainProgram(cfg, mesh, frozen_weights=False)
         abstract = program.abstract_state().params
         leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
         arrays = []

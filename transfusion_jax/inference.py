@@ -288,7 +288,7 @@ def load_trained(workdir, use_ema: bool = False, step: int | None = None, mesh=N
         return load_exported(workdir, mesh)
     mesh = mesh or make_mesh(1, 1, 1, jax.local_devices()[:1])
     program, state, step = restore_trained(
-        workdir, lambda cfg: TrainProgram(cfg, mesh), step, defaults=base_config
+        workdir, lambda cfg: TrainProgram(cfg, mesh, frozen_weights=False), step, base_config
     )
     if use_ema and not state.ema_params:
         raise ValueError(f"--workdir {workdir}: the run kept no EMA weights (train.ema_decay=0)")

@@ -168,7 +168,9 @@ class TransfusionTask:
         if cfg.data.latents == "vae" and cfg.data.source != "synthetic":
             from transfusion_jax.vae.latent_space import latent_space
 
-            latent_space(cfg.image.vae_path)  # raises naming image.vae_path
+            latent_space(cfg.image.vae_path, check_files=True)  # raises naming image.vae_path
+            # Absolute, so sampling from another directory finds the same VAE.
+            cfg.image.vae_path = str(pathlib.Path(cfg.image.vae_path).absolute())
         return cfg
 
     def __init__(self, cfg, mesh):

@@ -50,6 +50,9 @@ class TrainProgram:
 
     cfg: object
     mesh: Mesh
+    # Load the frozen weights the step uses (the VAE encoder of a latent-space run). Restoring a
+    # checkpoint for inference needs only the state's shapes: False skips them.
+    frozen_weights: bool = True
 
     resolve = staticmethod(resolve_model)
 
@@ -61,9 +64,11 @@ class TrainProgram:
         encoder when batches carry pixels (`data.latents = "vae"` without a latent cache)."""
         self.diffusion = Diffusion.from_config(self.cfg)
         self.vae = None
-        if images_arrive_as_pixels(self.cfg):
+        if images_arrive_as_pixels(self.cfg) and self.frozen_weights:
             from transfusion_jax.vae import load_vae
+            from transfusion_jax.vae.latent_space import latent_space
 
+            latent_space(self.cfg.image.vae_path)  # a missing path named as a config field
             try:
                 self.vae = load_vae(self.cfg.image.vae_path, dtype=self.cfg.model.dtype)
             except (OSError, ValueError) as e:
@@ -204,8 +209,9 @@ class TrainProgram:
         x = batch.latents  # [B, M, H, W, 3]
         module = nnx.merge(self.vae_graphdef, vae_params)
         mean, logvar = module.encode(x.reshape(-1, *x.shape[2:]))
-        z = sample_posterior(mean, logvar, rng if self.cfg.image.vae_sample else None)
-        z = (z - self.vae.shift) * self.vae.scale
+        z = self.vae.normalize(
+            sample_posterior(mean, logvar, rng if self.cfg.image.vae_sample else None)
+        )
         return batch.replace(latents=z.reshape(*x.shape[:2], *z.shape[1:]).astype(jnp.float32))
 
     def train_step(self, state: TrainState, batch: Batch, frozen=None):

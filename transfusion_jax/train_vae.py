@@ -20,6 +20,7 @@ from transfusion_jax import cli
 from transfusion_jax import train as trainer
 from transfusion_jax.vae.config import vae_base_config
 from transfusion_jax.vae.data import ImageBatches, first_images
+from transfusion_jax.vae.perceptual import load_lpips
 from transfusion_jax.vae.train_step import VAETrainProgram, batched
 
 
@@ -27,8 +28,15 @@ class VAETask:
     """What the training loop needs to know about the VAE (see train.TransfusionTask)."""
 
     unit = "images"
-    resolve = staticmethod(VAETrainProgram.resolve)
     default_config = staticmethod(vae_base_config)
+
+    @staticmethod
+    def resolve(cfg):
+        """The checked config; the perceptual network's file is opened before anything starts."""
+        cfg = VAETrainProgram.resolve(cfg)
+        if cfg.loss.perceptual_weight > 0:
+            load_lpips(cfg.loss.perceptual_path)
+        return cfg
 
     def __init__(self, cfg, mesh):
         self.cfg, self.mesh = cfg, mesh

@@ -81,6 +81,9 @@ RESUMABLE_KEYS = (
     "train.nan_policy",
     "train.max_nonfinite_streak",
     "train.grad_accum_steps",
+    "train.eval_every",  # the VAE trainer's evaluation and statistics
+    "train.eval_images",
+    "train.stats_images",
     "mesh.",
     "model.remat_policy",
     "model.attention",

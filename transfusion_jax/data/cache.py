@@ -77,8 +77,11 @@ def main():
     if f.vae:
         from transfusion_jax.vae import load_vae
 
-        vae = load_vae(f.vae)
-        vae.latent_shape(cfg.data.image_size)  # a clear error before any work
+        try:
+            vae = load_vae(f.vae)
+            vae.latent_shape(cfg.data.image_size)  # a clear error before any work
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--vae {f.vae}: {e}") from e
     records = open_source(cfg)
     d = cfg.data
     start = time.perf_counter()

@@ -9,6 +9,7 @@ import pathlib
 
 from transfusion_jax.vae.autoencoder import VAE, AutoencoderKL, vae_config
 from transfusion_jax.vae.diffusers_weights import CONFIG, WEIGHTS, load_diffusers
+from transfusion_jax.vae.latent_space import vae_directory
 
 __all__ = ["VAE", "AutoencoderKL", "load_diffusers", "load_vae", "vae_config"]
 
@@ -18,18 +19,15 @@ def load_vae(path, **kwargs) -> VAE:
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such VAE directory")
+    path = vae_directory(path)
     # A workdir of our VAE training (python -m transfusion_jax.train_vae); it holds a
     # config.json too, so it is told apart first.
     if (path / "checkpoints").is_dir():
         from transfusion_jax.vae.workdir import load_workdir
 
         return load_workdir(path, **kwargs)
-    if path.is_file() and path.name in (CONFIG, WEIGHTS):  # a file of a diffusers directory
-        path = path.parent
     if (path / CONFIG).is_file():
         return load_diffusers(path, **kwargs)
-    if (path / "vae" / CONFIG).is_file():  # a diffusers pipeline directory
-        return load_diffusers(path / "vae", **kwargs)
     raise FileNotFoundError(
         f"{path}: not a VAE; expected a diffusers AutoencoderKL directory ({CONFIG} + {WEIGHTS}, "
         "e.g. a pipeline's vae/ folder) or a VAE training workdir (with checkpoints/)"

@@ -100,6 +100,7 @@ def resolve_vae(cfg) -> ml_collections.ConfigDict:
     """A checked copy of a VAE training config."""
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     check_architecture(cfg.vae)
+    _check(cfg.vae.in_channels == 3, "vae.in_channels", "images are RGB here (3)")
     factor = 2 ** (len(cfg.vae.channels) - 1)
     size = cfg.data.image_size
     _check(

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from transfusion_jax.vae.autoencoder import VAE, AutoencoderKL, vae_config
@@ -151,6 +152,17 @@ def _weights_file(directory: pathlib.Path) -> pathlib.Path:
             "AutoencoderKL.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)"
         )
     raise FileNotFoundError(f"{directory}: no {WEIGHTS}{hint}")
+
+
+def check_weights(directory) -> None:
+    """Raises (naming the file) unless the directory's safetensors file is there and its header
+    parses: a quick check before a run starts, without reading the tensors."""
+    file = _weights_file(pathlib.Path(directory))
+    try:
+        with safe_open(str(file), "np") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 
 
 def _fill(abstract_params: dict, tensors: dict, file: pathlib.Path) -> dict:

@@ -4,11 +4,12 @@ pipeline and the latent cache need these long before (or instead of) the encoder
 """
 
 import dataclasses
+import functools
 import pathlib
 
 import numpy as np
 
-from transfusion_jax.vae.diffusers_weights import read_config
+from transfusion_jax.vae.diffusers_weights import CONFIG, WEIGHTS, check_weights, read_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +32,33 @@ class LatentSpace:
         return (z - self.shift) * self.scale
 
 
-def latent_space(path) -> LatentSpace:
+def vae_directory(path) -> pathlib.Path:
+    """The directory `load_vae` and `latent_space` read for `path`: a train_vae workdir, a
+    diffusers VAE directory (given as it, its config.json or its weights file), or a pipeline
+    directory's vae/ folder."""
+    path = pathlib.Path(path)
+    if path.is_file() and path.name in (CONFIG, WEIGHTS):
+        return path.parent
+    if not (path / "checkpoints").is_dir() and (path / "vae" / CONFIG).is_file():
+        return path / "vae"
+    return path
+
+
+def latent_space(path, check_files: bool = False) -> LatentSpace:
     """The latent space of the VAE at `path` (a diffusers directory or a VAE training workdir);
-    errors name the path and what was expected there."""
+    errors name the path and what was expected there. `check_files` also checks that a
+    diffusers directory's weights file is readable (before a run starts)."""
+    space = _latent_space(str(path))
+    if check_files and not (pathlib.Path(space.path) / "checkpoints").is_dir():
+        try:
+            check_weights(space.path)
+        except (OSError, ValueError) as e:
+            raise type(e)(f"config field image.vae_path: {e}") from e
+    return space
+
+
+@functools.lru_cache(maxsize=16)  # configs are resolved often; the files are read once
+def _latent_space(path: str) -> LatentSpace:
     path = pathlib.Path(path)
     if not str(path) or str(path) == ".":
         raise ValueError(
@@ -42,10 +67,9 @@ def latent_space(path) -> LatentSpace:
         )
     if not path.exists():
         raise FileNotFoundError(f"config field image.vae_path: {path} does not exist")
+    path = vae_directory(path)
     if (path / "checkpoints").is_dir():
         return _workdir_space(path)
-    if (path / "vae" / "config.json").is_file():  # a pipeline directory
-        path = path / "vae"
     try:
         found = read_config(path)
     except (OSError, ValueError) as e:

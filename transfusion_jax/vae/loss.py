@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transfusion_jax.layers import fan_in_init, sharded
+from transfusion_jax.vae.autoencoder import sample_posterior
 
 
 def kl_to_standard_normal(mean: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -80,7 +81,7 @@ def vae_loss(autoencoder, discriminator, x, key, step, loss_cfg, lpips=None):
     """(loss, metrics) of a batch of images x [B, H, W, 3] in [-1, 1]; `lpips` (frozen) adds
     loss.perceptual_weight times the perceptual distance."""
     mean, logvar = autoencoder.encode(x)
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+    z = sample_posterior(mean, logvar, key)
     reconstruction = autoencoder.decode(z)
     error = reconstruction - x
     l1 = jnp.mean(jnp.abs(error))

@@ -16,7 +16,7 @@ from flax import nnx
 
 from transfusion_jax import sharding as shd
 from transfusion_jax.train_step import TrainProgram
-from transfusion_jax.vae.autoencoder import AutoencoderKL
+from transfusion_jax.vae.autoencoder import AutoencoderKL, sample_posterior
 from transfusion_jax.vae.config import resolve_vae
 from transfusion_jax.vae.loss import PatchDiscriminator, vae_loss
 from transfusion_jax.vae.perceptual import load_lpips
@@ -44,8 +44,8 @@ class VAETrainProgram(TrainProgram):
 
     def setup(self) -> None:
         """The perceptual network, frozen, when loss.perceptual_weight > 0."""
-        self.vae = None  # the step encodes nothing: it trains the encoder
-        if self.cfg.loss.perceptual_weight > 0:
+        self.vae = None  # no frozen encoder: this program trains the autoencoder
+        if self.cfg.loss.perceptual_weight > 0 and self.frozen_weights:
             lpips = load_lpips(self.cfg.loss.perceptual_path)
             self.lpips_graphdef = nnx.graphdef(lpips)
             self.freeze(lpips, replicate=True)
@@ -75,7 +75,8 @@ class VAETrainProgram(TrainProgram):
             return dict(
                 psnr=dm_pix.psnr(x, y),
                 ssim=dm_pix.ssim(x, y),
-                l1=jnp.mean(jnp.abs(x - y), axis=(1, 2, 3)),
+                # on [-1, 1], as the training loss's l1
+                l1=jnp.mean(jnp.abs(images - reconstruction), axis=(1, 2, 3)),
             )
 
         return self._compile_on_params(scores, shape)
@@ -85,8 +86,7 @@ class VAETrainProgram(TrainProgram):
 
         def latents(params, images):
             mean, logvar = self.autoencoder(params).encode(images)
-            noise = jax.random.normal(jax.random.key(0), mean.shape, mean.dtype)
-            return mean + jnp.exp(0.5 * logvar) * noise
+            return sample_posterior(mean, logvar, jax.random.key(0))
 
         return self._compile_on_params(latents, shape)
 
@@ -94,7 +94,11 @@ class VAETrainProgram(TrainProgram):
         images = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self.batch_sharding)
         params = self.abstract_state().params
         return (
-            jax.jit(fn, in_shardings=(self.param_shardings, self.batch_sharding))
+            jax.jit(
+                fn,
+                in_shardings=(self.param_shardings, self.batch_sharding),
+                out_shardings=shd.replicated(self.mesh),  # every process reads all of it
+            )
             .lower(params, images)
             .compile()
         )

@@ -15,7 +15,7 @@ from flax import nnx
 from transfusion_jax.checkpoint import Checkpointer, restore_trained
 from transfusion_jax.sharding import make_mesh
 from transfusion_jax.vae.autoencoder import VAE, AutoencoderKL
-from transfusion_jax.vae.latent_space import trained_normalisation
+from transfusion_jax.vae.latent_space import latent_space, trained_normalisation
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,13 @@ def load_workdir(
     from transfusion_jax.vae.train_step import VAETrainProgram  # the trainer, only when needed
 
     path = pathlib.Path(path)
+    latent_space(path)  # a workdir of another model is refused by name, before any restore
     mesh = make_mesh(1, 1, 1, jax.local_devices()[:1])
-    program, state, step = restore_trained(
-        path, lambda cfg: VAETrainProgram(cfg, mesh), step, defaults=vae_base_config
-    )
+
+    def make_program(cfg):  # the perceptual network is a training-only frozen weight
+        return VAETrainProgram(cfg, mesh, frozen_weights=False)
+
+    program, state, step = restore_trained(path, make_program, step, defaults=vae_base_config)
     if ema and not state.ema_params:
         raise ValueError(f"{path}: the run kept no EMA weights (train.ema_decay=0)")
     params = (state.ema_params if ema else state.params)["autoencoder"]
