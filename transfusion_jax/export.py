@@ -14,12 +14,12 @@ import pathlib
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from transfusion_jax.config import base_config
 from transfusion_jax.sharding import make_mesh
 from transfusion_jax.train_step import TrainProgram
 
@@ -55,7 +55,8 @@ def load_exported(path, mesh=None):
         metadata = f.metadata() or {}
         if metadata.get("format") != FORMAT or "config" not in metadata:
             raise ValueError(f"{path}: not a transfusion_jax export (no config in its metadata)")
-        cfg = ml_collections.ConfigDict(json.loads(metadata["config"]))
+        cfg = base_config()  # keys added since the export keep their defaults
+        cfg.update(json.loads(metadata["config"]))
         mesh = mesh or make_mesh(1, 1, 1, jax.local_devices()[:1])
         program = TrainProgram(cfg, mesh, frozen_weights=False)
         abstract = program.abstract_state().params
