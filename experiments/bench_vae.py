@@ -14,14 +14,13 @@ one warm-up call.
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments.bench_train import timed
 from transfusion_jax import sharding as shd
 from transfusion_jax.config import load_config
 from transfusion_jax.data.synthetic import SyntheticSource
@@ -31,12 +30,7 @@ from transfusion_jax.vae.autoencoder import AutoencoderKL
 
 def median_seconds(fn, steps: int) -> float:
     jax.block_until_ready(fn())  # compile and warm up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timed(fn, steps)
 
 
 def vae_figures(name: str, size: int, batch: int, steps: int) -> dict:

@@ -53,7 +53,7 @@ class VAETask:
         self.stats_images = first_images(cfg, t.stats_images, held=False)
         if t.eval_images and not len(self.eval_images):
             trainer.log("warning: the held-out split is empty; no val_* metrics")
-        self._scores = self._latents = None
+        self._compiled = {}  # name -> the compiled function, made on first use
 
     def describe(self) -> str:
         params = self.program.abstract_state().params
@@ -69,15 +69,12 @@ class VAETask:
         return ImageBatches(self.cfg, local_batch, process_index, process_count)
 
     def _run(self, which: str, params, images: np.ndarray):
+        """`program.compile_<which>` (scores or latents) over `images`, in training batches."""
         batch = self.cfg.train.batch_size
-        shape = (batch, *images.shape[1:])
-        if which == "scores":
-            self._scores = self._scores or self.program.compile_scores(shape)
-            compiled = self._scores
-        else:
-            self._latents = self._latents or self.program.compile_latents(shape)
-            compiled = self._latents
-        return batched(compiled, params, images, batch, self.mesh)
+        if which not in self._compiled:
+            compile_fn = getattr(self.program, f"compile_{which}")
+            self._compiled[which] = compile_fn((batch, *images.shape[1:]))
+        return batched(self._compiled[which], params, images, batch, self.mesh)
 
     def evaluate(self, state, step: int) -> dict:
         del step

@@ -43,6 +43,11 @@ def vae_config(**overrides) -> ml_collections.ConfigDict:
     return c
 
 
+def downsampling(channels) -> int:
+    """Image pixels per latent position along each axis: the image halves between levels."""
+    return 2 ** (len(channels) - 1)
+
+
 def _conv(rngs, c_in, c_out, kernel, *, dt, strides=1, padding=None):
     """A conv with torch's symmetric padding (kernel // 2) unless `padding` is given."""
     pad = kernel // 2
@@ -207,7 +212,7 @@ class AutoencoderKL(nnx.Module):
     """Images x [N, H, W, in_channels] in [-1, 1] <-> latents z [N, H/f, W/f, latent_channels]."""
 
     def __init__(self, cfg, rngs: nnx.Rngs):
-        f = 2 ** (len(cfg.channels) - 1)
+        f = downsampling(cfg.channels)
         bad = [w for w in cfg.channels if w % cfg.norm_groups]
         if bad:
             raise ValueError(f"vae channels {bad}: not multiples of norm_groups={cfg.norm_groups}")
@@ -279,7 +284,7 @@ class VAE:
     @property
     def downsample(self) -> int:
         """Image pixels per latent position along each axis (2**(levels - 1))."""
-        return 2 ** (len(self.cfg.channels) - 1)
+        return downsampling(self.cfg.channels)
 
     @property
     def latent_channels(self) -> int:

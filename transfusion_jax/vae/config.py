@@ -8,7 +8,7 @@ loop runs both); `vae` is the architecture (`autoencoder.vae_config`) and `loss`
 import ml_collections
 
 from transfusion_jax.config import _check, base_config
-from transfusion_jax.vae.autoencoder import vae_config
+from transfusion_jax.vae.autoencoder import downsampling, vae_config
 
 # Shared sections and the keys a VAE run uses of them (the rest are Transfusion's).
 SHARED_KEYS = {
@@ -101,7 +101,7 @@ def resolve_vae(cfg) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     check_architecture(cfg.vae)
     _check(cfg.vae.in_channels == 3, "vae.in_channels", "images are RGB here (3)")
-    factor = 2 ** (len(cfg.vae.channels) - 1)
+    factor = downsampling(cfg.vae.channels)
     size = cfg.data.image_size
     _check(
         size % factor == 0,

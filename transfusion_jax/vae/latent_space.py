@@ -9,6 +9,7 @@ import pathlib
 
 import numpy as np
 
+from transfusion_jax.vae.autoencoder import downsampling
 from transfusion_jax.vae.diffusers_weights import CONFIG, WEIGHTS, check_weights, read_config
 
 
@@ -77,7 +78,7 @@ def _latent_space(path: str) -> LatentSpace:
     v = found["overrides"]
     return LatentSpace(
         str(path),
-        2 ** (len(v["channels"]) - 1),
+        downsampling(v["channels"]),
         v["latent_channels"],
         found["scale"],
         found["shift"],
@@ -101,7 +102,7 @@ def _workdir_space(path: pathlib.Path) -> LatentSpace:
         )
     v = stored["vae"]
     scale, shift = trained_normalisation(v, info)
-    return LatentSpace(str(path), 2 ** (len(v["channels"]) - 1), v["latent_channels"], scale, shift)
+    return LatentSpace(str(path), downsampling(v["channels"]), v["latent_channels"], scale, shift)
 
 
 def trained_normalisation(vae_cfg, info: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ through stop_gradient and the discriminator term sees the reconstruction through
 d(loss)/d(vae) and d(loss)/d(disc) are each side's own gradient.
 """
 
+import dm_pix
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -29,9 +30,8 @@ def kl_to_standard_normal(mean: jax.Array, logvar: jax.Array) -> jax.Array:
 
 
 def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
-    """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak-to-peak 2), per image."""
-    mse = jnp.mean(jnp.square(x - y).reshape(x.shape[0], -1), axis=-1)
-    return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
+    """Peak signal-to-noise ratio in dB of images in [-1, 1], per image (dm-pix on [0, 1])."""
+    return dm_pix.psnr((x + 1.0) / 2.0, (y + 1.0) / 2.0)
 
 
 class PatchDiscriminator(nnx.Module):
