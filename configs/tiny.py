@@ -36,6 +36,7 @@ def get_config(arg=None):
     c.train.batch_size = 8
     c.train.log_every = 50
     c.train.checkpoint_every = 500
+    c.train.eval_every = 500  # held-out diffusion loss and caption bits per byte
     c.optimizer.peak_lr = 3e-3
     c.optimizer.min_lr = 3e-4
     c.optimizer.warmup_steps = 100

@@ -16,6 +16,7 @@ from transfusion_jax.batch import Image, SpecialTokens, document_length, image_s
 from transfusion_jax.data import make_source
 from transfusion_jax.data.images import load_image
 from transfusion_jax.data.packing import first_fit
+from transfusion_jax.data.pipeline import training_split
 from transfusion_jax.data.sources import ImageFolderSource
 from transfusion_jax.train import train
 
@@ -152,9 +153,12 @@ def test_corrupt_folder_is_read_with_the_right_skip_count(tmp_path, caplog):
         for _ in range(12):
             next(source)
     assert "truncated.png: cannot decode the image" in caplog.text
-    # Reference: replay the shuffled record order grain read, and count the truncated file.
+    # Reference: replay the shuffled order grain read of the training split (the held-out
+    # records never enter it), and count the truncated file.
     consumed = source.documents.get_state()["next_index"]
-    order = grain.MapDataset.source(records).seed(cfg.train.seed).shuffle().repeat(None)
+    train = training_split(records, cfg.data.held_out_percent, "data.path")
+    assert len(train) < len(records)  # this folder has a held-out record
+    order = grain.MapDataset.source(train).seed(cfg.train.seed).shuffle().repeat(None)
     truncated = sum("truncated" in order[i]["origin"] for i in range(consumed))
     assert truncated >= 2
     # One bad record drawn many times counts once (and is warned about once); draws separately.

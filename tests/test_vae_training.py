@@ -21,12 +21,13 @@ from tests.helpers import ROOT, tiny_config
 from transfusion_jax.config import load_config, resolve_model
 from transfusion_jax.data import make_source
 from transfusion_jax.data.images import load_image
+from transfusion_jax.data.split import held_out
 from transfusion_jax.sharding import make_mesh
 from transfusion_jax.train import train
 from transfusion_jax.train_vae import train_vae
 from transfusion_jax.vae import load_vae
 from transfusion_jax.vae.autoencoder import AutoencoderKL, sample_posterior
-from transfusion_jax.vae.data import ImageBatches, first_images, held_out
+from transfusion_jax.vae.data import ImageBatches, first_images
 from transfusion_jax.vae.loss import kl_to_standard_normal, psnr, vae_loss
 from transfusion_jax.vae.train_step import VAETrainProgram
 

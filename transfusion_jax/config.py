@@ -92,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.tensorboard = False  # Also write TensorBoard event files (needs tensorboardX).
     c.train.wandb_project = ""  # Also log to this Weights & Biases project (needs wandb).
     c.train.peak_tflops = 0.0  # Per-device peak for MFU; 0 = look the device up (or no MFU).
+    c.train.eval_every = 0  # Steps between evaluations of eval_suites (0 = none; also at the end).
+    # Suites run during training, comma-separated (see transfusion_jax.evaluate): the cheap ones
+    # are "diffusion" and "text" (forward passes), "shapes" and "captions" (generation).
+    c.train.eval_suites = "diffusion,text"
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1  # Pure data parallelism (weights replicated).
@@ -136,6 +140,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.prefetch = 64  # Documents decoded ahead.
     c.data.num_workers = 0  # >0: decode in that many worker processes (grain mp_prefetch).
     c.data.caption_len = 16  # synthetic: caption tokens per document.
+    # Records held out of training for evaluation: a fixed hash of each record's name (an image's
+    # file name, a text paragraph's file and number), the same on every machine.
+    c.data.held_out_percent = 5.0
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_examples = 64  # Held-out examples per suite (prompts, images, text documents).
+    c.eval.batch_size = 16  # Examples per batch of generation or scoring.
+    c.eval.seed = 0  # Noise and sampling of every suite: evaluations of one run compare.
+    c.eval.sampling_steps = 50  # Denoising steps of the generating suites.
+    c.eval.cfg_scale = 3.0  # Classifier-free guidance of the generating suites.
+    # The diffusion suite's fixed grid of noise levels, as fractions of diffusion.num_timesteps.
+    c.eval.diffusion_levels = (0.05, 0.25, 0.5, 0.75, 0.95)
+    c.eval.text_path = ""  # text suite: a held-out .txt/.jsonl (default: data.text_path's split).
+    c.eval.data_path = ""  # captions/images suites: an ImageFolder (default: the training data).
+    c.eval.inception_weights = ""  # images suite: pytorch-fid's pt_inception-2015-12-05 file.
+    c.eval.clip_weights = ""  # images suite: a Hugging Face CLIP directory.
     return c
 
 

@@ -67,6 +67,13 @@ class Pipeline:
             num_ids=self.tokenizer.num_ids,
         )
 
+    def set_model(self, model, step: int | None = None) -> None:
+        """Other weights of the same architecture (the trainer's newest, for evaluation during
+        training): the compiled generation functions are reused."""
+        self.model, self.step = model, step
+        self.generator.graphdef, self.generator.params = nnx.split(model)
+        self._reporting = None
+
     @classmethod
     def from_workdir(cls, workdir, ema: bool = False, step: int | None = None, mesh=None):
         """The newest checkpoint that restores (or `step`), with the config stored with it;

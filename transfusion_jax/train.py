@@ -28,6 +28,9 @@ from transfusion_jax import sharding as shd
 from transfusion_jax.checkpoint import Checkpointer
 from transfusion_jax.config import base_config, resolve_model
 from transfusion_jax.data import make_source
+from transfusion_jax.evaluation import HEADLINE_METRICS
+from transfusion_jax.evaluation.evaluator import Evaluator
+from transfusion_jax.evaluation.suites import SUITES
 from transfusion_jax.flops import device_peak_tflops, model_flops_per_token
 from transfusion_jax.model import parameter_counts
 from transfusion_jax.train_step import TrainProgram
@@ -152,6 +155,21 @@ def _print_compiled(compiled, task):
         log(f"model FLOPs per {task.unit[:-1]} {task.flops_per_unit:.4g}, per step {per_step:.4g}")
 
 
+def eval_suites(cfg) -> list[str]:
+    """The suites run during training: none unless train.eval_every is set."""
+    t = cfg.train
+    if not t.get("eval_every", 0):
+        return []
+    suites = [s.strip() for s in t.get("eval_suites", "").split(",") if s.strip()]
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        raise ValueError(
+            f"config field train.eval_suites: {', '.join(unknown)} is not one of "
+            f"{', '.join(SUITES)}"
+        )
+    return suites
+
+
 class TransfusionTask:
     """What the loop needs to know about one kind of model: here, Transfusion. Another kind (the
     VAE, `transfusion_jax.train_vae`) gives the same members and reuses the whole loop: mesh,
@@ -163,8 +181,20 @@ class TransfusionTask:
 
     @staticmethod
     def resolve(cfg):
-        """The checked config; a latent-space run's VAE must be there before anything starts."""
+        """The checked config; a latent-space run's VAE must be there before anything starts,
+        and the evaluation suites must be ones that can score this run."""
         cfg = resolve_model(cfg)
+        suites = eval_suites(cfg)
+        if suites and "shapes" in suites and cfg.data.source != "shapes":
+            raise ValueError(
+                f"config field train.eval_suites: 'shapes' scores runs on the built-in shapes "
+                f"data, this one trains on data.source={cfg.data.source!r}"
+            )
+        if suites and "images" in suites:
+            raise ValueError(
+                "config field train.eval_suites: 'images' (FID, CLIP score) needs hundreds of "
+                "drawn images; run it with python -m transfusion_jax.evaluate"
+            )
         if cfg.data.latents == "vae" and cfg.data.source != "synthetic":
             from transfusion_jax.vae.latent_space import latent_space
 
@@ -179,6 +209,14 @@ class TransfusionTask:
         self.counts = parameter_counts(cfg)
         self.units_per_step = cfg.train.batch_size * cfg.data.seq_len
         self.flops_per_unit = model_flops_per_token(cfg, cfg.data.seq_len, self.counts)
+        self.evaluator = None
+        generating = {"shapes", "captions"} & set(eval_suites(cfg))
+        if generating and jax.process_count() > 1:
+            raise ValueError(
+                f"config field train.eval_suites: {', '.join(sorted(generating))} generate on one "
+                f"process; with {jax.process_count()} processes evaluate during training with "
+                f"'text' and 'diffusion', and the rest with python -m transfusion_jax.evaluate"
+            )
 
     def describe(self) -> str:
         return "parameters: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in self.counts.items())
@@ -187,8 +225,22 @@ class TransfusionTask:
         return make_source(self.cfg, local_batch, process_index, process_count)
 
     def evaluate(self, state, step: int) -> dict:
-        del state, step
-        return {}
+        """The `train.eval_suites` on the training devices, as `eval/suite/metric` keys. The
+        evaluator draws with its own fixed seed, so the training state and losses are the same
+        with or without it."""
+        suites = eval_suites(self.cfg)
+        if not suites:
+            return {}
+        model = self.program.model(state.params)
+        if self.evaluator is None:  # built once: its compiled passes serve every evaluation
+            self.evaluator = Evaluator(
+                self.cfg, model, mesh=self.program.mesh, vae=self.program.vae, step=step
+            )
+        else:
+            self.evaluator.set_model(model, step)
+        results = self.evaluator.run(suites)
+        record = {f"eval/{key}": value for key, value in results.items()}
+        return record | {"eval_s": sum(self.evaluator.seconds.values())}
 
     def checkpoint_info(self, state) -> dict | None:
         del state
@@ -367,6 +419,9 @@ def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step, task_class
                 if writer is not None:
                     writer.write(record)
                 log(_progress_line(record, t.num_steps, task))
+                evaluated = {k: v for k, v in record.items() if k.startswith("eval/")}
+                if evaluated:
+                    log(f"evaluation at step {step}: " + _eval_line(record))
                 _check_finite(state, t)
                 last_logged, window, window_steps = record, None, 0
                 window_start = time.perf_counter()
@@ -417,6 +472,8 @@ def _log_record(window, steps, start, step, task, mfu_per_unit_per_s) -> dict:
     record = {"step": step, **{k: means[k] for k in task.logged}}
     record[f"{task.unit}_per_s"] = per_s
     record["examples_seen"] = step * task.cfg.train.batch_size
+    if task.flops_per_unit:  # model FLOPs of the training so far, for curves against compute
+        record["train_flops"] = step * task.units_per_step * task.flops_per_unit
     record["step_s"] = elapsed / steps
     if mfu_per_unit_per_s:
         record["mfu"] = per_s * mfu_per_unit_per_s
@@ -431,6 +488,13 @@ def _progress_line(r: dict, num_steps: int, task) -> str:
     if "mfu" in r:
         line += f"  MFU {100 * r['mfu']:.1f}%"
     return line
+
+
+def _eval_line(record: dict) -> str:
+    """The headline metrics (metrics.jsonl has them all)."""
+    shown = {k: record[f"eval/{k}"] for k in HEADLINE_METRICS if f"eval/{k}" in record}
+    line = "  ".join(f"{k} {v:.4g}" for k, v in shown.items())
+    return line + f"  ({record.get('eval_s', 0):.0f} s)"
 
 
 def _check_finite(state, t) -> None:

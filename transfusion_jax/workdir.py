@@ -81,7 +81,9 @@ RESUMABLE_KEYS = (
     "train.nan_policy",
     "train.max_nonfinite_streak",
     "train.grad_accum_steps",
-    "train.eval_every",  # the VAE trainer's evaluation and statistics
+    "train.eval_every",
+    "train.eval_suites",
+    "eval.",
     "train.eval_images",
     "train.stats_images",
     "mesh.",
@@ -94,6 +96,14 @@ RESUMABLE_KEYS = (
     "data.text_path",
     "data.tfds_data_dir",
 )
+
+
+def legacy_values(saved: dict) -> dict:
+    """Keys added with a default that changes what older runs did, with the value a saved config
+    without them had: a run that trained on a folder, TFDS or text file trained on the records
+    now held out (percent 0). The shapes data holds nothing out, so its runs resume as before."""
+    splits = saved.get("data.source") in ("imagefolder", "tfds", "text")
+    return {"data.held_out_percent": 0.0} if splits or saved.get("data.text_path") else {}
 
 
 @dataclasses.dataclass
@@ -117,6 +127,7 @@ def config_changes(saved: dict, new: dict, default_config=None) -> ConfigChanges
     default (in `default_config`, base_config() unless given); optimizer.decay_steps may be set
     to the decay the run already had."""
     a, b = _flatten(saved), _flatten(new)
+    a = {**{k: v for k, v in legacy_values(a).items() if k in b}, **a}
     default_config = base_config() if default_config is None else default_config
     defaults = _flatten(json.loads(default_config.to_json_best_effort()))
     allowed, refused = {}, {}

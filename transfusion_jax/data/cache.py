@@ -4,7 +4,8 @@
       --config.data.source=imagefolder --config.data.path=DIR --out latents.array_record
   python -m transfusion_jax.data.cache --config ... --vae VAE_PATH --out latents.array_record
 
-Every valid record of the configured image source is decoded, resized and written with its
+Every valid record of the configured image source's training split (`data.held_out_percent`
+of the records are held out for evaluation) is decoded, resized and written with its
 caption(s) to an ArrayRecord file: as pixels, or with `--vae` (a diffusers AutoencoderKL directory
 or a train_vae workdir) as the VAE's posterior (mean and log-variance, unnormalised), encoded in
 batches on the local devices. Training then uses `data.source=cached` with `data.path` naming the
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from transfusion_jax import cli
 from transfusion_jax.data.documents import Skipped, decode_image
 from transfusion_jax.data.images import DEFAULT_MAX_PIXELS
+from transfusion_jax.data.pipeline import training_split
 from transfusion_jax.data.sources import encode_record, open_source
 
 log = logging.getLogger(__name__)
@@ -82,8 +84,10 @@ def main():
             vae.latent_shape(cfg.data.image_size)  # a clear error before any work
         except (OSError, ValueError) as e:
             raise ValueError(f"--vae {f.vae}: {e}") from e
-    records = open_source(cfg)
     d = cfg.data
+    # Held-out records stay out of the cache: a run trained on it never sees what evaluation
+    # reads from the folder (data.held_out_percent, as training from the folder would).
+    records = training_split(open_source(cfg), d.held_out_percent, "data.path")
     start = time.perf_counter()
     written, skipped = write_cache(records, d.image_size, out, d.max_image_pixels, vae, f.batch)
     rate = written / (time.perf_counter() - start)

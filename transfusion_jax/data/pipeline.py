@@ -13,6 +13,7 @@ from transfusion_jax.config import carried_image_shape
 from transfusion_jax.data.documents import Skipped, ToDocument
 from transfusion_jax.data.packing import PackedBatches
 from transfusion_jax.data.sources import TextSource, open_source
+from transfusion_jax.data.split import split
 from transfusion_jax.data.tokenizer import make_tokenizer
 
 
@@ -91,7 +92,7 @@ def make_pipeline(cfg, local_batch_size: int, process_index: int = 0, process_co
     latent_shape = (im.latent_size, im.latent_size, im.latent_channels)
     num_patches = (im.latent_size // im.patch_size) ** 2
     seed = cfg.train.seed
-    records = open_source(cfg)
+    records = training_split(open_source(cfg), d.held_out_percent, "data.path")
     skipped = records.skipped
     space = None
     if d.latents == "vae":
@@ -104,7 +105,7 @@ def make_pipeline(cfg, local_batch_size: int, process_index: int = 0, process_co
         document_stream(records, cfg, tokenizer, seed, process_index, process_count, space)
     )
     if d.source != "text" and d.text_path and d.text_ratio > 0:
-        text = TextSource(d.text_path)
+        text = training_split(TextSource(d.text_path), d.held_out_percent, "data.text_path")
         skipped += text.skipped
         text_docs = iter(
             document_stream(text, cfg, tokenizer, seed + 1, process_index, process_count)
@@ -122,6 +123,21 @@ def make_pipeline(cfg, local_batch_size: int, process_index: int = 0, process_co
         skipped,
         num_patches,
     )
+
+
+def training_split(records, percent: float, field: str):
+    """The records training may see: all but the held-out split (sources that name their
+    records: image folders, TFDS, text; the shapes data holds out scenes of another seed, and a
+    latent cache holds the training split only)."""
+    if percent <= 0 or not hasattr(records, "record_name"):
+        return records
+    kept = split(records, percent, held=False)
+    if len(kept) == 0:
+        raise ValueError(
+            f"config field data.held_out_percent: all {len(records)} records of {field} fall in "
+            f"the held-out {percent}%; lower it (0 trains on everything)"
+        )
+    return kept
 
 
 def _check_cache(first: dict, d, latent_shape: tuple) -> None:

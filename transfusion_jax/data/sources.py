@@ -88,6 +88,9 @@ class ImageFolderSource:
         image, text = self.records[index]
         return {"image": image, "text": text, "origin": image}
 
+    def record_name(self, index: int) -> str:
+        return pathlib.PurePath(self.records[index][0]).name
+
 
 class TfdsSource:
     """A prepared TFDS dataset read with `tfds.data_source` (ArrayRecord; no TensorFlow needed).
@@ -116,8 +119,11 @@ class TfdsSource:
         return {
             "image": _field(example, self.image_key, self.name),
             "text": as_text(_field(example, self.caption_key, self.name)),
-            "origin": f"{self.name}[{index}]",
+            "origin": self.record_name(index),
         }
+
+    def record_name(self, index: int) -> str:
+        return f"{self.name}[{index}]"
 
 
 def _field(example, key: str, name: str):
@@ -210,6 +216,9 @@ class TextSource:
     def __getitem__(self, index: int) -> dict:
         text, origin = self.documents[index]
         return {"text": text, "origin": origin}
+
+    def record_name(self, index: int) -> str:
+        return pathlib.PurePath(self.documents[index][1]).name  # "file.txt paragraph 3"
 
 
 def _utf8_lines(path: pathlib.Path, skip):

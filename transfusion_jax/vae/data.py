@@ -1,24 +1,15 @@
 """Images for VAE training: a fixed held-out split, shuffled training batches, evaluation images.
 
-A record is held out when a hash of its file name (not its path: the split must not change when
-the folder moves) falls in the first `data.held_out_percent` of the hash range, so the split is
-the same on every machine and process and a folder that grows keeps its old split. Rows that share
-an image (Flickr8k has five captions per photo) share its file name and so its side of the split.
+The split is `data.split`'s, the one Transfusion runs hold out too: a fixed hash of the file
+name, `data.held_out_percent` of the records.
 """
-
-import pathlib
-import zlib
 
 import grain
 import numpy as np
 
 from transfusion_jax.data.documents import Skipped, decode_image
 from transfusion_jax.data.sources import open_source
-
-
-def held_out(origin: str, percent: float) -> bool:
-    name = pathlib.PurePath(origin).name
-    return zlib.crc32(name.encode()) % 10_000 < percent * 100
+from transfusion_jax.data.split import held_out
 
 
 class DecodeImage:

@@ -1,0 +1,99 @@
+"""The evaluate command and evaluation during training, end to end on a freshly trained run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from tests.helpers import ROOT
+from transfusion_jax import evaluate as evaluate_cli
+from transfusion_jax.config import load_config
+from transfusion_jax.train import train
+
+
+def tiny_run_config(**train_overrides):
+    cfg = load_config(str(ROOT / "configs" / "tiny.py"))
+    cfg.model.update(d_model=64, depth=2)
+    cfg.image.update(latent_size=16, patch_size=4)
+    cfg.data.update(image_size=16, seq_len=128, pack_window=16)
+    cfg.train.update(num_steps=6, log_every=2, checkpoint_every=6, eval_every=0)
+    cfg.train.update(**train_overrides)
+    cfg.eval.update(num_examples=4, batch_size=4, sampling_steps=2)
+    cfg.mesh.fsdp = -1
+    return cfg
+
+
+def records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same run without and with evaluation every 2 steps (on 2 devices)."""
+    plain, evaluated = tmp_path_factory.mktemp("plain"), tmp_path_factory.mktemp("evaluated")
+    train(tiny_run_config(), plain, devices=jax.devices()[:2])
+    cfg = tiny_run_config(eval_every=2, eval_suites="diffusion,text,shapes")
+    train(cfg, evaluated, devices=jax.devices()[:2])
+    return plain, evaluated
+
+
+def test_evaluation_during_training_leaves_the_losses_alone(runs):
+    plain, evaluated = map(records, runs)
+    assert [r["step"] for r in plain] == [r["step"] for r in evaluated] == [2, 4, 6]
+    for a, b in zip(plain, evaluated, strict=True):
+        for key in ("loss", "lm_loss", "diffusion_loss", "grad_norm"):
+            assert a[key] == b[key], key
+        assert not any(k.startswith("eval/") for k in a)
+        for key in ("diffusion/val_loss", "text/bits_per_byte", "shapes/text_to_image_accuracy"):
+            assert 0 <= b[f"eval/{key}"] < 100, key
+        assert b["train_flops"] == pytest.approx(a["train_flops"]) and a["train_flops"] > 0
+    # an untrained model's held-out losses are the same kind of number as its training losses
+    first = evaluated[0]
+    assert first["eval/text/nll_per_token"] == pytest.approx(first["lm_loss"], rel=0.5)
+
+
+def test_evaluate_writes_the_json_and_one_line_per_metric(runs):
+    workdir = runs[0]
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "transfusion_jax.evaluate", "--workdir", str(workdir)]
+    cmd += ["--suite", "shapes,text,diffusion,captions", "--num", "3", "--steps", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = dict(line.split("=", 1) for line in proc.stdout.splitlines())
+    for name in (
+        "shapes/text_to_image_accuracy",
+        "shapes/captioning_accuracy",
+        "diffusion/val_loss",
+        "text/bits_per_byte",
+        "text/perplexity",
+        "captions/cider",
+    ):
+        assert float(lines[name]) >= 0, name
+    saved = json.loads((workdir / "eval" / "6.json").read_text())
+    assert saved["step"] == 6 and not saved["ema"]
+    assert {k: f"{v:.6g}" for k, v in saved["metrics"].items() if k in lines} == {
+        k: v for k, v in lines.items()
+    }
+    assert saved["settings"]["num_examples"] == 3
+    assert (workdir / "eval" / "6" / "shapes_drawn.png").is_file()
+    assert (workdir / "eval" / "6" / "captions.txt").is_file()
+
+
+def test_evaluate_refuses_what_cannot_run(runs, capsys):
+    workdir = str(runs[0])
+    for args, message in [
+        (["--suite", "nope"], "--suite nope: each must be one of"),
+        (["--suite", "text", "--num", "0"], "--num 0: must be at least 1"),
+        (["--suite", "images", "--inception_weights", "missing.pth"], "--inception_weights"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate_cli.main(["--workdir", workdir, *args])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # no weights at all: the suite names both flags
+        evaluate_cli.main(["--workdir", workdir, "--suite", "images"])
+    err = capsys.readouterr().err
+    assert "--inception_weights" in err and "--clip_weights" in err and "never" in err

@@ -1,0 +1,190 @@
+"""The evaluation suites: each scores one thing about a model and returns {"suite/metric": value}.
+
+- `shapes`: the built-in data's exact scorer as a GenEval-style suite, text -> image and
+  captioning on held-out scenes: overall accuracy and per aspect (count, colours, shapes, sizes,
+  relation). Needs a run trained on data.source=shapes.
+- `text`: perplexity and bits per byte of held-out text (`language.py`).
+- `diffusion`: the held-out diffusion loss (the caption-first documents' image MSE) on a fixed
+  grid of noise levels with fixed noise: the cheapest image-quality signal, comparable between
+  checkpoints of a run.
+- `captions`: CIDEr-D of greedy captions of held-out images against all their captions.
+- `images`: FID (Inception pool features, `--inception_weights`) of images drawn from held-out
+  captions against the held-out images, and their CLIP score (`--clip_weights`).
+Every suite reads held-out data only (`heldout.py`) and draws with `eval.seed`.
+"""
+
+import jax
+import numpy as np
+
+from transfusion_jax.batch import caption_first_document
+from transfusion_jax.data import shapes
+from transfusion_jax.data.images import to_uint8
+from transfusion_jax.evaluation.heldout import HELD_OUT_SEED, held_out_examples, held_out_texts
+from transfusion_jax.evaluation.language import bits_per_byte, perplexity, text_windows
+
+
+def _chunks(items: list, size: int):
+    """`items` in chunks of exactly `size` (the last padded with its first item), so batched
+    generation compiles once; yields (chunk, how many are real)."""
+    for start in range(0, len(items), size):
+        chunk = items[start : start + size]
+        yield chunk + [chunk[0]] * (size - len(chunk)), len(chunk)
+
+
+def draw(ev, prompts: list[str]) -> list[np.ndarray]:
+    """uint8 images drawn for the prompts, batched, with the eval seed and settings."""
+    e, images = ev.settings, []
+    for i, (chunk, real) in enumerate(_chunks(prompts, ev.rows_per_batch)):
+        drawn = ev.pipeline.text_to_image(
+            chunk, steps=e.sampling_steps, cfg_scale=e.cfg_scale, seed=e.seed + i
+        )
+        images += [np.asarray(x) for x in drawn[:real]]
+    return images
+
+
+def write_captions(ev, pictures: np.ndarray) -> list[str]:
+    """Greedy captions of pictures [N, S, S, 3] in [-1, 1], batched."""
+    limit = ev.cfg.data.max_caption_tokens + 2
+    captions = []
+    for chunk, real in _chunks(list(pictures), ev.rows_per_batch):
+        written = ev.pipeline.caption(np.stack(chunk), max_new_tokens=limit, seed=ev.settings.seed)
+        captions += written[:real]
+    return captions
+
+
+def _rates(scores: list[dict], prefix: str) -> dict:
+    return {f"{prefix}_{key}": float(np.mean([s[key] for s in scores])) for key in scores[0] if key}
+
+
+def shapes_suite(ev) -> dict:
+    if ev.cfg.data.source != "shapes":
+        raise ValueError(
+            f"--suite shapes: the run trained on data.source={ev.cfg.data.source!r}; the shapes "
+            f"suite scores runs trained on the built-in shapes data"
+        )
+    num, size = ev.settings.num_examples, ev.cfg.data.image_size
+    scenes = [shapes.scene_for_index(i, HELD_OUT_SEED) for i in range(num)]
+    drawn = draw(ev, [shapes.caption(s) for s in scenes])
+    image_scores = [shapes.score_image(x, s) for x, s in zip(drawn, scenes, strict=True)]
+
+    truth = [shapes.scene_for_index(i, HELD_OUT_SEED + 1) for i in range(num)]
+    pictures = np.stack([shapes.render(s, size) for s in truth])
+    captions = write_captions(ev, pictures.astype(np.float32) / 127.5 - 1.0)
+    caption_scores = [shapes.score_caption(c, s) for c, s in zip(captions, truth, strict=True)]
+    ev.artifacts["shapes"] = dict(
+        drawn=drawn,
+        prompts=[shapes.caption(s) for s in scenes],
+        image_scores=image_scores,
+        pictures=list(pictures),
+        captions=captions,
+        truths=[shapes.caption(s) for s in truth],
+        caption_scores=caption_scores,
+    )
+    rates = _rates(image_scores, "text_to_image") | _rates(caption_scores, "captioning")
+    rates = {k.replace("_correct", "_accuracy"): v for k, v in rates.items()}
+    return {f"shapes/{k}": v for k, v in rates.items()}
+
+
+def text_suite(ev) -> dict:
+    texts, _ = held_out_texts(ev.cfg, ev.settings.num_examples)
+    token_lists = [ev.tokenizer.encode(t) for t in texts]
+    kept = [(t, ids) for t, ids in zip(texts, token_lists, strict=True) if ids]
+    if not kept:
+        raise ValueError("--suite text: the held-out text is empty")
+    special = ev.tokenizer.special
+    rows, weights = text_windows([ids for _, ids in kept], ev.cfg.data.seq_len, special.bos, 0)
+    # one document per row: its only part is the window's tokens
+    rows = [[[r[: int(w.sum()) + 1].tolist()]] for r, w in zip(rows, weights, strict=True)]
+    total, count = 0.0, 0.0
+    for batch, (w,), _ in ev.batches(rows, [weights]):
+        nll, n = ev.text_nll(batch, w)
+        total, count = total + nll, count + n
+    num_bytes = sum(len(t.encode("utf-8")) for t, _ in kept)
+    return {
+        "text/perplexity": perplexity(total, int(round(count))),
+        "text/bits_per_byte": bits_per_byte(total, num_bytes),
+        "text/nll_per_token": total / count,
+        "text/tokens": count,
+    }
+
+
+def diffusion_suite(ev) -> dict:
+    cfg, e = ev.cfg, ev.settings
+    examples = held_out_examples(cfg, e.num_examples)
+    latents = ev.model_images(np.stack([x.image for x in examples]))
+    special = ev.tokenizer.special
+    limit = cfg.data.max_caption_tokens
+    rows = [
+        [caption_first_document(ev.tokenizer.encode(x.captions[0])[:limit], z, special)]
+        for x, z in zip(examples, latents, strict=True)
+    ]
+    m = cfg.image.max_images
+    levels = [
+        min(int(f * ev.diffusion.num_timesteps), ev.diffusion.num_timesteps - 1)
+        for f in e.diffusion_levels
+    ]
+    key = jax.random.key(e.seed)
+    noise = np.asarray(jax.random.normal(key, (len(rows), len(levels), m, *latents.shape[1:])))
+    errors = {t: [] for t in levels}
+    for batch, (batch_noise,), real in ev.batches(rows, [noise]):
+        for j, t in enumerate(levels):
+            times = np.full((len(batch_noise), m), t, np.int32)
+            err, used = ev.image_errors(batch, times, batch_noise[:, j])
+            errors[t] += list(err[:real][used[:real]])
+    per_level = {t: float(np.mean(v)) for t, v in errors.items()}
+    result = {f"diffusion/val_loss_t{t}": v for t, v in per_level.items()}
+    result["diffusion/val_loss"] = float(np.mean(list(per_level.values())))
+    return result
+
+
+def captions_suite(ev) -> dict:
+    from transfusion_jax.evaluation.cider import cider_scores
+
+    examples = held_out_examples(ev.cfg, ev.settings.num_examples)
+    captions = write_captions(ev, np.stack([x.image for x in examples]))
+    references = [x.captions for x in examples]
+    scores = cider_scores(captions, references)
+    ev.artifacts["captions"] = dict(
+        pictures=[to_uint8(x.image) for x in examples],
+        captions=captions,
+        references=references,
+        scores=list(scores),
+    )
+    return {"captions/cider": float(np.mean(scores)), "captions/images": len(examples)}
+
+
+def images_suite(ev) -> dict:
+    e = ev.settings
+    if not (e.inception_weights or e.clip_weights):
+        raise ValueError(
+            "--suite images needs --inception_weights (FID: pytorch-fid's "
+            "pt_inception-2015-12-05-6726825d.pth) and/or --clip_weights (CLIP score: a Hugging "
+            "Face CLIP directory such as openai/clip-vit-large-patch14); the code never "
+            "downloads them (config fields eval.inception_weights, eval.clip_weights)"
+        )
+    examples = held_out_examples(ev.cfg, e.num_examples)
+    prompts = [x.captions[0] for x in examples]
+    drawn = np.stack(draw(ev, prompts))
+    ev.artifacts["images"] = dict(drawn=list(drawn), prompts=prompts)
+    result = {"images/num": len(drawn)}
+    if e.inception_weights:
+        from transfusion_jax.evaluation.frechet import fid_from_features
+        from transfusion_jax.evaluation.inception import load_inception
+
+        inception = load_inception(e.inception_weights)
+        real = np.stack([to_uint8(x.image) for x in examples])
+        result["images/fid"] = fid_from_features(inception(drawn), inception(real))
+    if e.clip_weights:
+        from transfusion_jax.evaluation.clip import load_clip
+
+        result["images/clip_score"] = float(load_clip(e.clip_weights).clip_score(drawn, prompts))
+    return result
+
+
+SUITES = {
+    "shapes": shapes_suite,
+    "text": text_suite,
+    "diffusion": diffusion_suite,
+    "captions": captions_suite,
+    "images": images_suite,
+}
