@@ -16,6 +16,8 @@ if "xla_force_host_platform_device_count" not in flags:
 
 SLOW_MODULES = {
     "test_cli",
+    "test_evaluate_cli",
+    "test_images_suite",
     "test_faults",
     "test_generate",
     "test_multiprocess",

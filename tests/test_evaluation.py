@@ -35,7 +35,7 @@ def small_config(**eval_overrides):
     cfg.data.update(image_size=16, seq_len=96)
     cfg.image.update(patch_size=4)
     cfg.patch.kind = "linear"
-    cfg.eval.update(num_examples=6, batch_size=4, sampling_steps=3, **eval_overrides)
+    cfg.eval.update(dict(num_examples=6, batch_size=4, sampling_steps=3) | eval_overrides)
     return resolve_model(cfg)
 
 
@@ -57,27 +57,41 @@ def test_perplexity_and_bits_per_byte_by_hand():
         perplexity(1.0, 0)
 
 
-def test_text_windows_score_every_token_once_with_its_row_as_context():
+def test_text_windows_score_every_token_once_with_half_a_row_of_context():
     rng = np.random.default_rng(0)
-    docs = [list(rng.integers(10, 50, size=n)) for n in (1, 5, 7, 8, 20)]
+    docs = [list(rng.integers(10, 50, size=n)) for n in (1, 5, 7, 8, 20, 41)]
     seq_len, bos = 8, 1
-    rows, weights = text_windows(docs, seq_len, bos, pad=0)
+    rows, weights, lengths = text_windows(docs, seq_len, bos, pad=0)
     scored = []  # (the context tokens, the target) of every weighted position
-    for row, w in zip(rows, weights, strict=True):
+    for row, w, n in zip(rows, weights, lengths, strict=True):
+        assert (row[n:] == 0).all() and not w[n - 1 :].any()  # nothing scored past the row
         for p in np.flatnonzero(w):
             scored.append((tuple(row[: p + 1]), row[p + 1]))
-    expected = []  # brute force: each document's targets, in order, each once
-    for doc in docs:
+    expected = []  # brute force: each document's targets, in order, each once, with the
+    for doc in docs:  # tokens before it in the document as context (all, or the last 4 or more)
         seq = [bos, *doc]
-        for k in range(1, len(seq)):
-            expected.append(seq[k])
-    assert [t for _, t in scored] == expected
-    # each context ends with the token before its target, and a row never exceeds seq_len
-    for context, _ in scored:
-        assert len(context) <= seq_len - 1
+        expected += [(tuple(seq[:k]), seq[k]) for k in range(1, len(seq))]
+    assert [t for _, t in scored] == [t for _, t in expected]
+    for (context, _), (full, _) in zip(scored, expected, strict=True):
+        assert full[len(full) - len(context) :] == context  # the context is what preceded it
+        assert len(context) == len(full) or len(context) >= seq_len // 2
 
 
 # -- the suites against recomputations --------------------------------------------------------
+
+
+def log_probs(model, special, tokens) -> np.ndarray:
+    """float64 [len, V] log-probabilities of the next token after each of `tokens` (one document
+    of one row), from the plain forward pass and a numpy log-softmax."""
+    batch = build_batch([[[list(tokens)]]], len(tokens), 2, (16, 16, 3), 4, special)
+    batch = jax.tree.map(jnp.asarray, batch)
+    logits, _ = model(batch, batch.latents, jnp.zeros((1, 2), jnp.int32))
+    logits = np.asarray(logits[0], np.float64)
+    return (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+    )
 
 
 def test_text_suite_equals_a_numpy_recomputation(evaluator):
@@ -85,19 +99,47 @@ def test_text_suite_equals_a_numpy_recomputation(evaluator):
     texts, _ = held_out_texts(ev.cfg, ev.settings.num_examples)
     got = ev.run(["text"])
     total, tokens = 0.0, 0
-    model, special = ev.model, ev.tokenizer.special
-    for text in texts:
-        ids = [special.bos, *ev.tokenizer.encode(text)]
-        batch = build_batch([[[ids]]], len(ids), 2, (16, 16, 3), 4, special)
-        batch = jax.tree.map(jnp.asarray, batch)
-        logits, _ = model(batch, batch.latents, jnp.zeros((1, 2), jnp.int32))
-        logp = np.asarray(jax.nn.log_softmax(np.asarray(logits[0], np.float64), axis=-1))
-        total -= sum(logp[p, ids[p + 1]] for p in range(len(ids) - 1))
-        tokens += len(ids) - 1
+    special = ev.tokenizer.special
+    for text in texts:  # captions: each fits a row, so every target sees all before it
+        seq = [special.bos, *ev.tokenizer.encode(text)]
+        logp = log_probs(ev.model, special, seq)
+        total -= sum(logp[k - 1, seq[k]] for k in range(1, len(seq)))
+        tokens += len(seq) - 1
     num_bytes = sum(len(t.encode()) for t in texts)
     assert got["text/tokens"] == tokens
     assert got["text/perplexity"] == pytest.approx(math.exp(total / tokens), rel=1e-4)
     assert got["text/bits_per_byte"] == pytest.approx(total / math.log(2) / num_bytes, rel=1e-4)
+
+
+def test_text_suite_scores_documents_longer_than_a_row(tmp_path):
+    """Two paragraphs of 60 and 130 bytes in rows of 48: strided windows, half a row of context."""
+    corpus = tmp_path / "held_out.txt"
+    texts = ["the quick brown fox jumps over the lazy dog; " * 3, "abc defg " * 14]
+    corpus.write_text("\n\n".join(t.strip() for t in texts))
+    cfg = small_config(text_path=str(corpus), batch_size=3)
+    cfg.data.seq_len = 48
+    ev = Evaluator(cfg, Transfusion(cfg, nnx.Rngs(1)))
+    got = ev.run(["text"])
+    total = tokens = 0
+    for text in (t.strip() for t in texts):
+        ids = ev.tokenizer.encode(text)
+        assert len(ids) > 48  # longer than a row
+        total += reference_nll_strided(ev.model, ev.tokenizer.special, ids, 48)
+        tokens += len(ids)
+    assert got["text/tokens"] == tokens
+    assert got["text/nll_per_token"] == pytest.approx(total / tokens, rel=1e-4)
+
+
+def reference_nll_strided(model, special, ids, seq_len: int) -> float:
+    """The strided windows written out: the first seq_len - 1 targets see everything before them;
+    after that, window starts move by seq_len / 2 and each new target sees its window."""
+    seq, total, start, scored = [special.bos, *ids], 0.0, 0, 1
+    while scored < len(seq):
+        stop = min(start + seq_len, len(seq))
+        logp = log_probs(model, special, seq[start:stop])
+        total -= sum(logp[k - start - 1, seq[k]] for k in range(scored, stop))
+        scored, start = stop, stop - seq_len // 2
+    return total
 
 
 def test_diffusion_suite_equals_the_error_recomputed_from_the_prediction(evaluator):
@@ -113,14 +155,15 @@ def test_diffusion_suite_equals_the_error_recomputed_from_the_prediction(evaluat
     j = len(levels) // 2
     t = levels[j]
     key = jax.random.key(ev.settings.seed)
-    noise = np.asarray(jax.random.normal(key, (len(examples), len(levels), 2, 16, 16, 3)))
     abar = ev.diffusion.alphas_cumprod[t]
     errors = []
     for i, example in enumerate(examples):
         caption = ev.tokenizer.encode(example.captions[0])
         doc = caption_first_document(caption, example.image, ev.tokenizer.special)
         batch = jax.tree.map(jnp.asarray, build_batch([[doc]], 96, 2, (16, 16, 3), 4))
-        eps = noise[i, j, 0]
+        eps = np.asarray(
+            jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), j), (16, 16, 3))
+        )
         noisy = np.sqrt(abar) * example.image + np.sqrt(1 - abar) * eps
         latents = batch.latents.at[0, 0].set(noisy)
         _, prediction = ev.model(batch, latents, jnp.full((1, 2), t, jnp.int32))
@@ -215,7 +258,7 @@ def test_text_held_out_split_and_an_explicit_file(tmp_path):
     texts, where = held_out_texts(cfg, 1000)
     train = training_split(TextSource(corpus), cfg.data.held_out_percent, "data.text_path")
     train_texts = {train[i]["text"] for i in range(len(train))}
-    assert "held-out split" in where and texts and not set(texts) & train_texts
+    assert "held-out 5.0%" in where and texts and not set(texts) & train_texts
     cfg.eval.text_path = str(corpus)  # a file the user holds out: all of it
     texts, where = held_out_texts(cfg, 1000)
     assert len(texts) == 300 and where == str(corpus)
@@ -231,3 +274,63 @@ def test_old_runs_without_a_held_out_split_are_not_resumed_silently():
     shapes_run = {"data": {"source": "shapes", "text_path": ""}}
     new = {"data": {"source": "shapes", "text_path": "", "held_out_percent": 5.0}}
     assert not config_changes(shapes_run, new).refused
+
+
+def test_a_validation_folder_is_read_whole_and_a_cache_remembers_its_split(tmp_path):
+    from transfusion_jax.data.cache import write_cache, write_split_record
+    from transfusion_jax.data.sources import CachedSource
+    from transfusion_jax.evaluation.heldout import image_records
+
+    write_folder(tmp_path / "folder", n=60)
+    cfg = small_config()
+    cfg.eval.data_path = str(tmp_path / "folder")
+    records, where = image_records(cfg)
+    assert len(records) == 120 and "all of it" in where
+
+    # a cache holds the training split only, and says which split it left out
+    cfg = small_config()
+    cfg.data.update(source="imagefolder", path=str(tmp_path / "folder"), held_out_percent=20.0)
+    source = ImageFolderSource(tmp_path / "folder")
+    train = training_split(source, 20.0, "data.path")
+    cache = tmp_path / "latents.array_record"
+    written, _ = write_cache(train, 16, cache)
+    write_split_record(cache, cfg)
+    assert written == len(train) == len(CachedSource(cache)) < len(source)
+    cached = small_config()
+    cached.data.update(source="cached", path=str(cache), held_out_percent=5.0)
+    records, where = image_records(cached)  # the cache's 20%, not the run's 5%
+    assert len(records) == len(source) - len(train) and "20.0%" in where
+    (tmp_path / "latents.array_record.split.json").unlink()
+    with pytest.raises(ValueError, match="written before held-out splits.*--data_path"):
+        image_records(cached)
+
+
+def test_runs_that_held_nothing_out_are_refused_and_suites_without_data_named():
+    from transfusion_jax.evaluation.heldout import image_records, why_not
+
+    cfg = small_config()
+    cfg.data.update(source="imagefolder", path="/nowhere", held_out_percent=0.0)
+    with pytest.raises(ValueError, match="held nothing out.*--data_path"):
+        image_records(cfg)
+    assert "held_out_percent is 0" in why_not(cfg, "diffusion")
+    cfg.data.update(source="synthetic", held_out_percent=5.0)
+    assert "eval.data_path" in why_not(cfg, "captions")
+    assert "eval.text_path" in why_not(cfg, "text")
+    cfg.eval.update(text_path="held.txt", data_path="folder")
+    assert why_not(cfg, "text") is None and why_not(cfg, "diffusion") is None
+    assert why_not(small_config(), "diffusion") is None  # shapes: scenes of other seeds
+
+
+def test_an_old_run_is_read_with_the_split_it_trained_with():
+    from transfusion_jax.config import base_config
+    from transfusion_jax.workdir import fill_legacy
+
+    stored = {"data": {"source": "imagefolder", "path": "x"}}  # saved before held-out splits
+    cfg = base_config()
+    cfg.update(stored)
+    fill_legacy(cfg, stored)
+    assert cfg.data.held_out_percent == 0.0
+    cfg = base_config()
+    cfg.update({"data": {"source": "shapes"}})
+    fill_legacy(cfg, {"data": {"source": "shapes"}})
+    assert cfg.data.held_out_percent == 5.0

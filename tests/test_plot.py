@@ -136,7 +136,17 @@ def test_eval_results_add_points(runs, tmp_path):
         "eval/shapes/images",
         "eval/shapes/text_to_image_accuracy",
     ]
-    # by default each suite's headline metric only (shapes/images is a count)
-    assert "eval/shapes/images" not in plot_runs([small, large], tmp_path / "eval.png")
+    # by default every metric but the counts (captions/images is one); "headline": one a suite
+    default = plot_runs([small, large], tmp_path / "eval.png")
+    assert default == keys
+    (eval_dir / "40.json").write_text(json.dumps({"step": 40, "metrics": {"captions/images": 3}}))
+    assert plot_runs([small, large], tmp_path / "eval.png") == keys
+    assert "eval/captions/images" in plot_runs([small], tmp_path / "e.png", metrics=["all"])
+    headline = plot_runs([small, large], tmp_path / "eval.png", metrics=["headline"])
+    assert headline == EXPECTED[:4] + [
+        "eval/captions/cider",
+        "eval/ema/captions/cider",
+        "eval/shapes/text_to_image_accuracy",
+    ]
     # the evaluation rows have no train_flops: their x comes from the training rows around them
     assert plot_runs([small], tmp_path / "eval_flops.png", x="flops")[4] == "eval/captions/cider"

@@ -22,7 +22,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from transfusion_jax.train_step import TrainState
-from transfusion_jax.workdir import RunError
+from transfusion_jax.workdir import RunError, fill_legacy
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +252,7 @@ def restore_trained(workdir, make_program, step: int | None = None, defaults=Non
                 raise FileNotFoundError(f"{workdir}: no config.json")
             cfg = defaults() if defaults is not None else ml_collections.ConfigDict()
             cfg.update(stored)
+            fill_legacy(cfg, stored)
             program = make_program(cfg)
             try:
                 state, _ = checkpoints.restore(candidate, program.abstract_state())

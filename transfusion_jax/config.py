@@ -222,6 +222,9 @@ def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "diffusion.noise_limit",
         f"{d.noise_limit} must be in (0, num_timesteps={d.num_timesteps}]",
     )
+    if "data" in cfg and "held_out_percent" in cfg.data:
+        share = cfg.data.held_out_percent
+        _check(0.0 <= share < 100.0, "data.held_out_percent", f"{share} must be in [0, 100)")
     if "train" in cfg:
         t = cfg.train
         _check(

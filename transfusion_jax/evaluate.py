@@ -42,7 +42,10 @@ OVERRIDES = {
 
 
 def result_path(workdir, step: int, ema: bool) -> pathlib.Path:
-    return pathlib.Path(workdir) / "eval" / f"{step}{'-ema' if ema else ''}.json"
+    """DIR/eval/STEP.json; for an exported FILE.safetensors, FILE_eval/STEP.json beside it."""
+    workdir = pathlib.Path(workdir)
+    folder = workdir / "eval" if workdir.is_dir() else workdir.with_name(workdir.stem + "_eval")
+    return folder / f"{step}{'-ema' if ema else ''}.json"
 
 
 def write_results(
@@ -131,7 +134,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--workdir", required=True, help="a training run's directory")
+    parser.add_argument(
+        "--workdir", required=True, help="a training run's directory (or an exported .safetensors)"
+    )
     parser.add_argument(
         "--suite", required=True, help="comma-separated: shapes, text, diffusion, captions, images"
     )

@@ -234,8 +234,8 @@ class Generator:
         """A context holding the text prompts (ragged; each one row)."""
         model = nnx.merge(self.graphdef, self.params)
         ctx = empty_context(model, len(prompts), capacity)
-        longest = max(len(p) for p in prompts)
-        tokens = np.full((len(prompts), longest), self.special.pad, np.int32)
+        width = min(_bucket(max(len(p) for p in prompts), PROMPT_BUCKET), capacity)
+        tokens = np.full((len(prompts), width), self.special.pad, np.int32)
         for r, p in enumerate(prompts):
             tokens[r, : len(p)] = p
         counts = jnp.asarray([len(p) for p in prompts], jnp.int32)
@@ -303,11 +303,12 @@ class Generator:
         """
         b = len(prompts)
         n = self.num_patches
-        capacity = (
-            max(len(p) for p in prompts)
+        capacity = _bucket(
+            _bucket(max(len(p) for p in prompts), PROMPT_BUCKET)
             + options.max_new_tokens
             + 4
-            + (options.max_images + (images is not None)) * (n + 2)
+            + (options.max_images + (images is not None)) * (n + 2),
+            CAPACITY_BUCKET,
         )
         ctx = self.start(prompts, capacity)
         if images is not None:
@@ -350,6 +351,15 @@ class Generator:
             if not wants_image.any():
                 break
         return GenerationResult(tokens=tokens, images=out_images, text=text_since_image)
+
+
+# Prompt widths and cache capacities are rounded up to these multiples, so that batches of
+# prompts of different lengths (evaluation's captions) share one compiled program.
+PROMPT_BUCKET, CAPACITY_BUCKET = 32, 64
+
+
+def _bucket(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def uncached_image_predictor(model, batch, slot: int):

@@ -92,11 +92,16 @@ class Pipeline:
         sampler: str | None = None,
         seed: int = 0,
         progress: bool = False,
+        max_prompt_tokens: int | None = None,
     ) -> list[PILImage.Image]:
-        """One image per prompt (a string or a list), `num_per_prompt` times, in prompt order."""
+        """One image per prompt (a string or a list), `num_per_prompt` times, in prompt order;
+        prompts are cut to `max_prompt_tokens` tokens when given (training cuts captions to
+        data.max_caption_tokens)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         _check_positive(num_per_prompt=num_per_prompt)
-        tokens = [self._prompt(p) for p in prompts for _ in range(num_per_prompt)]
+        tokens = [
+            self._prompt(p, max_prompt_tokens) for p in prompts for _ in range(num_per_prompt)
+        ]
         # One text token after the image: nothing past it is returned.
         options = self.options(steps=steps, cfg_scale=cfg_scale, sampler=sampler, max_new_tokens=1)
         generator = self.generator
@@ -193,8 +198,8 @@ class Pipeline:
             images = np.asarray(self.vae.decode(self.vae.denormalize(images)))
         return [PILImage.fromarray(to_uint8(x)) for x in images]
 
-    def _prompt(self, text: str) -> list[int]:
-        return [self.tokenizer.special.bos, *self.tokenizer.encode(text)]
+    def _prompt(self, text: str, limit: int | None = None) -> list[int]:
+        return [self.tokenizer.special.bos, *self.tokenizer.encode(text)[:limit]]
 
     def _images(self, images) -> np.ndarray:
         if isinstance(images, str | pathlib.Path | PILImage.Image):

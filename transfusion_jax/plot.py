@@ -23,6 +23,7 @@ import sys
 
 import numpy as np
 
+from transfusion_jax.evaluation import COUNT_METRICS as COUNTS
 from transfusion_jax.evaluation import HEADLINE_METRICS as HEADLINES
 
 TRAIN_KEYS = ("loss", "lm_loss", "diffusion_loss", "learning_rate")
@@ -117,14 +118,20 @@ def read_runs(dirs) -> dict[str, list[dict]]:
     return runs
 
 
-def default_metrics(runs: dict[str, list[dict]], every: bool = False) -> list[str]:
+def default_metrics(runs: dict[str, list[dict]], which: str = "scores") -> list[str]:
     """The training losses and learning rate any run logs, then the evaluation metrics, sorted:
-    each suite's headline (`HEADLINE_METRICS`, EMA results included), or with `every` all of
-    them (per aspect, per noise level, counts)."""
+    "scores" = every evaluation metric but the counts (`COUNT_METRICS`), "headline" = each
+    suite's headline (`HEADLINE_METRICS`), "all" = every key (EMA results included in each)."""
     present = {key for rows in runs.values() for row in rows for key in row}
     evals = sorted(key for key in present if key.startswith(EVAL_PREFIX))
-    if not every:
-        evals = [k for k in evals if k.removeprefix(EVAL_PREFIX).removeprefix("ema/") in HEADLINES]
+
+    def name(key):
+        return key.removeprefix(EVAL_PREFIX).removeprefix("ema/")
+
+    if which == "headline":
+        evals = [k for k in evals if name(k) in HEADLINES]
+    elif which == "scores":
+        evals = [k for k in evals if name(k) not in COUNTS]
     return [key for key in TRAIN_KEYS if key in present] + evals
 
 
@@ -162,8 +169,8 @@ def plot_runs(dirs, out, x: str = "step", metrics=None) -> list[str]:
         raise PlotError(f"--x must be one of {sorted(X_KEYS)}, not {x!r}")
     runs = read_runs(dirs)
     available = {key for rows in runs.values() for row in rows for key in row}
-    if metrics is None or metrics == ["all"]:
-        keys = default_metrics(runs, every=metrics is not None)
+    if metrics is None or metrics in (["all"], ["headline"]):
+        keys = default_metrics(runs, "scores" if metrics is None else metrics[0])
     else:
         keys = list(dict.fromkeys(metrics))
         if not keys:
@@ -225,8 +232,8 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--metrics",
         default=None,
-        help="comma-separated keys to draw, or 'all' (default: the losses, the learning rate "
-        "and each evaluation suite's headline metric)",
+        help="comma-separated keys to draw; 'headline' (each suite's main metric) or 'all' "
+        "(counts too); default: the losses, the learning rate and every evaluation metric",
     )
     args = parser.parse_args(argv)
     metrics = None

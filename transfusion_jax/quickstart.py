@@ -88,7 +88,7 @@ def main():
     train(cfg, f.workdir)
     num, workdir = f.num, pathlib.Path(f.workdir)
     report = evaluate(workdir, num, f.steps, f.cfg_scale)
-    plot_runs([workdir], workdir / "curves.png")
+    plot_runs([workdir], workdir / "curves.png", metrics=["headline"])
     out, m = workdir / "samples", report["metrics"]
     print(
         f"text -> image: {100 * report['text_to_image_accuracy']:.0f}% of {num} images "

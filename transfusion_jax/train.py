@@ -30,6 +30,7 @@ from transfusion_jax.config import base_config, resolve_model
 from transfusion_jax.data import make_source
 from transfusion_jax.evaluation import HEADLINE_METRICS
 from transfusion_jax.evaluation.evaluator import Evaluator
+from transfusion_jax.evaluation.heldout import why_not
 from transfusion_jax.evaluation.suites import SUITES
 from transfusion_jax.flops import device_peak_tflops, model_flops_per_token
 from transfusion_jax.model import parameter_counts
@@ -210,7 +211,14 @@ class TransfusionTask:
         self.units_per_step = cfg.train.batch_size * cfg.data.seq_len
         self.flops_per_unit = model_flops_per_token(cfg, cfg.data.seq_len, self.counts)
         self.evaluator = None
-        generating = {"shapes", "captions"} & set(eval_suites(cfg))
+        self.suites = []  # the eval suites that have held-out data to read
+        for suite in eval_suites(cfg):
+            why = why_not(cfg, suite)
+            if why:
+                log(f"warning: train.eval_suites: {suite} skipped ({why})")
+            else:
+                self.suites.append(suite)
+        generating = {"shapes", "captions"} & set(self.suites)
         if generating and jax.process_count() > 1:
             raise ValueError(
                 f"config field train.eval_suites: {', '.join(sorted(generating))} generate on one "
@@ -228,17 +236,15 @@ class TransfusionTask:
         """The `train.eval_suites` on the training devices, as `eval/suite/metric` keys. The
         evaluator draws with its own fixed seed, so the training state and losses are the same
         with or without it."""
-        suites = eval_suites(self.cfg)
-        if not suites:
+        if not self.suites:
             return {}
         model = self.program.model(state.params)
         if self.evaluator is None:  # built once: its compiled passes serve every evaluation
-            self.evaluator = Evaluator(
-                self.cfg, model, mesh=self.program.mesh, vae=self.program.vae, step=step
-            )
+            # (a latent-space run's VAE is loaded in float32, as the evaluate command does)
+            self.evaluator = Evaluator(self.cfg, model, mesh=self.program.mesh, step=step)
         else:
             self.evaluator.set_model(model, step)
-        results = self.evaluator.run(suites)
+        results = self.evaluator.run(self.suites)
         record = {f"eval/{key}": value for key, value in results.items()}
         return record | {"eval_s": sum(self.evaluator.seconds.values())}
 
@@ -308,9 +314,16 @@ def _check_resume_config(
         )
     changes = config_changes(saved, config_as_json(cfg), defaults)
     if changes.refused and not allow_change:
+        hint = ""
+        if "data.held_out_percent" in changes.refused:
+            before = changes.refused["data.held_out_percent"][0]
+            hint = (
+                f" (data.held_out_percent: the run trained before held-out splits, on every "
+                f"record; --config.data.held_out_percent={before} resumes it as it was)"
+            )
         raise ConfigChangedError(
             f"--workdir {workdir} holds a run trained with another config: "
-            f"{changes.describe('refused')}. Drop those overrides to resume it, give a new "
+            f"{changes.describe('refused')}{hint}. Drop those overrides to resume it, give a new "
             f"--workdir for a new run, or pass --allow_config_change to resume with them."
         )
     if changes.refused:

@@ -106,6 +106,16 @@ def legacy_values(saved: dict) -> dict:
     return {"data.held_out_percent": 0.0} if splits or saved.get("data.text_path") else {}
 
 
+def fill_legacy(cfg, stored: dict) -> None:
+    """Sets in `cfg` (defaults updated with a stored config) the legacy values of the keys the
+    stored config lacks: an old run is read as what it was, not as today's defaults."""
+    flat = _flatten(stored)
+    for key, value in legacy_values(flat).items():
+        section, name = key.split(".")
+        if key not in flat and section in cfg and name in cfg[section]:
+            cfg[section][name] = value
+
+
 @dataclasses.dataclass
 class ConfigChanges:
     allowed: dict  # key -> (saved, new)

@@ -14,7 +14,9 @@ and the posterior sampling are applied as the data is read). A record is an `np.
 (no pickle).
 """
 
+import json
 import logging
+import pathlib
 import time
 
 import numpy as np
@@ -27,7 +29,7 @@ from transfusion_jax import cli
 from transfusion_jax.data.documents import Skipped, decode_image
 from transfusion_jax.data.images import DEFAULT_MAX_PIXELS
 from transfusion_jax.data.pipeline import training_split
-from transfusion_jax.data.sources import encode_record, open_source
+from transfusion_jax.data.sources import encode_record, open_source, split_record_path
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,18 @@ def write_cache(
     return written, skipped
 
 
+def write_split_record(path, cfg) -> None:
+    """PATH.split.json: the source and held-out share the cache left out, so evaluation of a run
+    trained on it reads exactly the records it never saw."""
+    d = cfg.data
+    keys = ("source", "path", "tfds_name", "tfds_split", "tfds_data_dir", "tfds_image_key")
+    record = {k: d[k] for k in keys} | {"tfds_caption_key": d.tfds_caption_key}
+    record["held_out_percent"] = d.held_out_percent
+    if record["path"]:
+        record["path"] = str(pathlib.Path(record["path"]).absolute())
+    split_record_path(path).write_text(json.dumps(record, indent=2) + "\n")
+
+
 def main():
     f = flags.FLAGS
     cfg, out = f.config, f.out
@@ -90,6 +104,7 @@ def main():
     records = training_split(open_source(cfg), d.held_out_percent, "data.path")
     start = time.perf_counter()
     written, skipped = write_cache(records, d.image_size, out, d.max_image_pixels, vae, f.batch)
+    write_split_record(out, cfg)
     rate = written / (time.perf_counter() - start)
     kind = f"VAE posteriors ({f.vae})" if vae else "pixels"
     skipped += records.skipped

@@ -5,6 +5,8 @@ The same seed gives the same batches, and the returned iterator's `get_state()` 
 the stream exactly, so a resumed run sees the batches an uninterrupted one would have.
 """
 
+import logging
+
 import grain
 from absl import flags
 
@@ -12,9 +14,16 @@ from transfusion_jax.batch import document_length
 from transfusion_jax.config import carried_image_shape
 from transfusion_jax.data.documents import Skipped, ToDocument
 from transfusion_jax.data.packing import PackedBatches
-from transfusion_jax.data.sources import TextSource, open_source
+from transfusion_jax.data.sources import (
+    TextSource,
+    open_source,
+    read_split_record,
+    split_record_path,
+)
 from transfusion_jax.data.split import split
 from transfusion_jax.data.tokenizer import make_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def document_stream(
@@ -92,7 +101,7 @@ def make_pipeline(cfg, local_batch_size: int, process_index: int = 0, process_co
     latent_shape = (im.latent_size, im.latent_size, im.latent_channels)
     num_patches = (im.latent_size // im.patch_size) ** 2
     seed = cfg.train.seed
-    records = training_split(open_source(cfg), d.held_out_percent, "data.path")
+    records = training_split(open_source(cfg), d.held_out_percent, source_field(d))
     skipped = records.skipped
     space = None
     if d.latents == "vae":
@@ -101,6 +110,13 @@ def make_pipeline(cfg, local_batch_size: int, process_index: int = 0, process_co
         space = latent_space(im.vae_path)
     if d.source == "cached":
         _check_cache(records[0], d, latent_shape)
+        if read_split_record(d.path) is None and process_index == 0:
+            log.warning(
+                "%s was written before held-out splits (no %s): it may hold the records "
+                "evaluation reads; write it again with python -m transfusion_jax.data.cache",
+                d.path,
+                split_record_path(d.path).name,
+            )
     documents = iter(
         document_stream(records, cfg, tokenizer, seed, process_index, process_count, space)
     )
@@ -123,6 +139,11 @@ def make_pipeline(cfg, local_batch_size: int, process_index: int = 0, process_co
         skipped,
         num_patches,
     )
+
+
+def source_field(d) -> str:
+    """The config field that names where the records come from, for messages."""
+    return {"text": "data.text_path", "tfds": "data.tfds_name"}.get(d.source, "data.path")
 
 
 def training_split(records, percent: float, field: str):

@@ -31,12 +31,12 @@ class ImageFolderSource:
     are skipped with a warning naming the line, and counted in `skipped`.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, field: str = "data.path"):
         self.root = pathlib.Path(path)
         metadata = self.root / "metadata.jsonl"
         if not metadata.is_file():
             raise FileNotFoundError(
-                f"config field data.path: {metadata} does not exist (an ImageFolder directory "
+                f"config field {field}: {metadata} does not exist (an ImageFolder directory "
                 f'needs metadata.jsonl with rows {{"file_name": ..., "text": ...}})'
             )
         self.records, self.skipped = [], 0
@@ -45,7 +45,7 @@ class ImageFolderSource:
             self._add(line, where)
         if not self.records:
             raise ValueError(
-                f"config field data.path: {self.root} has no valid example "
+                f"config field {field}: {self.root} has no valid example "
                 f"({self.skipped} rows of metadata.jsonl skipped, see the warnings)"
             )
 
@@ -157,10 +157,10 @@ class TextSource:
     warning per file), and a file holding NUL bytes is skipped whole as binary.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, field: str = "data.text_path"):
         root = pathlib.Path(path)
         if not root.exists():
-            raise FileNotFoundError(f"config field data.text_path: {root} does not exist")
+            raise FileNotFoundError(f"config field {field}: {root} does not exist")
         files = sorted(root.rglob("*")) if root.is_dir() else [root]
         self.documents, self.skipped = [], 0
         for file in files:
@@ -174,7 +174,7 @@ class TextSource:
             else:
                 self._read_jsonl(file)
         if not self.documents:
-            raise ValueError(f"config field data.text_path: no text document in {root}")
+            raise ValueError(f"config field {field}: no text document in {root}")
 
     def _read_txt(self, file: pathlib.Path) -> None:
         data = file.read_bytes()
@@ -293,6 +293,18 @@ def decode_record(data: bytes) -> dict:
         if "logvar" in archive:
             record["logvar"] = archive["logvar"].astype(np.float32)
         return record
+
+
+def split_record_path(cache) -> pathlib.Path:
+    """Where data/cache.py records which source and held-out share a cache was written from."""
+    return pathlib.Path(str(cache) + ".split.json")
+
+
+def read_split_record(cache) -> dict | None:
+    """The data config a cache was written from and its `held_out_percent` (None for a cache
+    written before held-out splits existed: it may hold every record)."""
+    path = split_record_path(cache)
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 class CachedSource:

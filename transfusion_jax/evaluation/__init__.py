@@ -12,3 +12,5 @@ HEADLINE_METRICS = (
     "images/fid",
     "images/clip_score",
 )
+# Sizes rather than scores: plots leave them out unless asked for every key.
+COUNT_METRICS = ("text/tokens", "captions/images", "images/num")

@@ -59,6 +59,7 @@ class Evaluator:
         self.graphdef, self.params = nnx.split(self.model)
         self.artifacts: dict = {}  # suite -> what it drew or wrote, for the CLI to save
         self.seconds: dict = {}  # suite -> seconds the last run of it took
+        self._examples = None
         # On a mesh the results come back replicated: every process can read them.
         out = {} if self.mesh is None else {"out_shardings": shd.replicated(self.mesh)}
         self._text_nll = jax.jit(self._text_nll_fn, **out)
@@ -152,6 +153,15 @@ class Evaluator:
     def image_errors(self, batch: Batch, t, noise) -> tuple[np.ndarray, np.ndarray]:
         errors, used = self._image_errors(self.params, *self.place((batch, t, noise)))
         return np.asarray(errors), np.asarray(used)
+
+    def examples(self) -> list:
+        """The held-out images and captions (`heldout.py`), read once per evaluator."""
+        num = self.settings.num_examples
+        if self._examples is None or self._examples[0] != num:
+            from transfusion_jax.evaluation.heldout import held_out_examples
+
+            self._examples = (num, held_out_examples(self.cfg, num))
+        return self._examples[1]
 
     def model_images(self, pixels: np.ndarray) -> np.ndarray:
         """What the model sees of images [N, S, S, 3] in [-1, 1]: the pixels, or the VAE's

@@ -1,26 +1,36 @@
 """The examples evaluation reads: never trained on, the same every time.
 
-- Image folders, TFDS datasets and text files: the records `data.split` holds out of training
-  (`data.held_out_percent`, a fixed hash of each record's name), in the order of the source.
-  Rows that share an image (Flickr8k: five captions per photo) become one example whose
-  references are all its captions.
+- `eval.data_path` / `eval.text_path`: a folder or text file the user keeps out of training (a
+  validation set), read whole.
+- Otherwise the run's own image folder, TFDS dataset or text corpus: the records `data.split`
+  holds out of training (`data.held_out_percent`, a fixed hash of each record's name), in the
+  order of the source. A run trained on a latent cache reads the held-out split of the source the
+  cache was written from (recorded beside it by `data.cache`). Rows that share an image (Flickr8k:
+  five captions per photo) become one example whose references are all its captions.
 - The built-in shapes data: scenes drawn with seeds training never uses (`HELD_OUT_SEED`). The
   caption space is small, so most captions were seen in training; the scenes and drawings are
-  new.
-- Text: `eval.text_path` (a file the user holds out, all of it), else the held-out paragraphs of
-  `data.text_path`, else the held-out captions (a run with no text corpus still gets a language
-  score, on the caption language it learned).
+  new. Both orders of a two-object caption are references ("A above B", "B below A").
+- Text without `eval.text_path` or a text corpus: the held-out captions (a run with no text
+  corpus still gets a language score, on the caption language it learned).
 """
 
 import dataclasses
 
+import ml_collections
 import numpy as np
 
 from transfusion_jax.data import shapes
 from transfusion_jax.data.documents import Skipped, decode_image
 from transfusion_jax.data.shapes import ShapesDataset
-from transfusion_jax.data.sources import ImageFolderSource, TextSource, TfdsSource, as_text
-from transfusion_jax.data.split import split
+from transfusion_jax.data.sources import (
+    ImageFolderSource,
+    TextSource,
+    TfdsSource,
+    as_text,
+    read_split_record,
+    split_record_path,
+)
+from transfusion_jax.data.split import Subset, split
 
 HELD_OUT_SEED = 987_654  # shapes scenes drawn with seeds training does not use
 
@@ -31,41 +41,61 @@ class Example:
     captions: list[str]  # every reference caption of the image (the first is the prompt)
 
 
-def image_source(cfg):
-    """The source the captions and images suites read: eval.data_path (an ImageFolder), else
-    the run's own data; None for the shapes data."""
-    d, path = cfg.data, cfg.eval.data_path
-    if path:
-        return ImageFolderSource(path)
+def _open(d):
     if d.source == "imagefolder":
         return ImageFolderSource(d.path)
-    if d.source == "tfds":
-        return TfdsSource(
-            d.tfds_name, d.tfds_split, d.tfds_data_dir, d.tfds_image_key, d.tfds_caption_key
-        )
+    return TfdsSource(
+        d.tfds_name, d.tfds_split, d.tfds_data_dir, d.tfds_image_key, d.tfds_caption_key
+    )
+
+
+def image_records(cfg):
+    """(records to evaluate on, what they are) for the captions, images and diffusion suites;
+    None for the shapes data."""
+    d, path = cfg.data, cfg.eval.data_path
+    if path:
+        source = ImageFolderSource(path, field="eval.data_path")
+        return Subset(source, range(len(source))), f"{path} (all of it)"
     if d.source == "shapes":
         return None
-    raise ValueError(
-        f"config field eval.data_path: the run trained on data.source={d.source!r}; give the "
-        f"image folder to evaluate on (--data_path, e.g. the folder a latent cache was written "
-        f"from: its held-out split is what the cache left out)"
-    )
+    if d.source == "cached":
+        written_from = read_split_record(d.path)
+        if written_from is None:
+            raise ValueError(
+                f"config field eval.data_path: the cache {d.path} was written before held-out "
+                f"splits (no {split_record_path(d.path).name}), so it may hold every record; give "
+                f"--data_path an image folder the run never trained on, or write the cache again"
+            )
+        d = ml_collections.ConfigDict(written_from)
+    elif d.source not in ("imagefolder", "tfds"):
+        raise ValueError(
+            f"config field eval.data_path: the run trained on data.source={d.source!r}, which "
+            f"holds no images to evaluate on; give --data_path an image folder"
+        )
+    if d.held_out_percent <= 0:
+        raise ValueError(
+            "config field data.held_out_percent: 0, so this run held nothing out of training "
+            "(it predates held-out splits, or was told so); give --data_path an image folder "
+            "the run never trained on"
+        )
+    where = f"the held-out {d.held_out_percent}% of {d.path or d.tfds_name}"
+    return split(_open(d), d.held_out_percent, held=True), where
 
 
 def held_out_examples(cfg, num: int) -> list[Example]:
     """Up to `num` held-out images with their captions, decoded at data.image_size."""
-    source = image_source(cfg)
+    found = image_records(cfg)
     size = cfg.data.image_size
-    if source is None:
+    if found is None:
         data = ShapesDataset(size, seed=HELD_OUT_SEED + 2)
         items = (data[i] for i in range(num))
         return [Example(decode_image(item, size), ways_to_say(item["text"])) for item in items]
-    held = split(source, cfg.data.held_out_percent, held=True)
+    records, where = found
     by_image: dict[str, Example] = {}
-    for i in range(len(held)):
-        record = held[i]
-        key = record["origin"]
-        if isinstance(source, ImageFolderSource):
+    for i in range(len(records)):
+        record = records[i]
+        key = str(record["origin"])
+        if isinstance(records.source, ImageFolderSource):
             key = str(record["image"])  # the rows of one image share its captions
         captions = record["text"] if isinstance(record["text"], list) else [record["text"]]
         captions = [c.strip() for c in as_text(captions) if c.strip()]
@@ -79,8 +109,8 @@ def held_out_examples(cfg, num: int) -> list[Example]:
             by_image[key] = Example(pixels, captions)
     if not by_image:
         raise ValueError(
-            f"config field data.held_out_percent: the held-out split ({cfg.data.held_out_percent}"
-            f"% of {len(source)} records) holds no readable image to evaluate on"
+            f"config field data.held_out_percent: {where} holds no readable image; raise it, "
+            f"or give --data_path an image folder the run never trained on"
         )
     return list(by_image.values())
 
@@ -93,13 +123,44 @@ def ways_to_say(caption: str) -> list[str]:
 
 def held_out_texts(cfg, num: int) -> tuple[list[str], str]:
     """Up to `num` held-out text documents, and where they came from."""
+    d = cfg.data
     if cfg.eval.text_path:
-        docs = TextSource(cfg.eval.text_path)
+        docs = TextSource(cfg.eval.text_path, field="eval.text_path")
         return [docs[i]["text"] for i in range(min(num, len(docs)))], cfg.eval.text_path
-    if cfg.data.text_path:
-        held = split(TextSource(cfg.data.text_path), cfg.data.held_out_percent, held=True)
+    text_path = d.text_path
+    if text_path:
+        if d.held_out_percent <= 0:
+            raise ValueError(
+                f"config field data.held_out_percent: 0, so this run held none of "
+                f"{text_path} out of training; give --text_path a text file it never saw"
+            )
+        held = split(TextSource(text_path), d.held_out_percent, held=True)
         if len(held):
-            where = f"the held-out split of {cfg.data.text_path}"
+            where = f"the held-out {d.held_out_percent}% of {text_path}"
             return [held[i]["text"] for i in range(min(num, len(held)))], where
+    if d.source in ("text", "synthetic"):
+        raise ValueError(
+            f"config field eval.text_path: the run trained on data.source={d.source!r} and holds "
+            f"no text out; give --text_path a text file it never saw"
+        )
     examples = held_out_examples(cfg, num)
     return [e.captions[0] for e in examples], "the held-out captions"
+
+
+def why_not(cfg, suite: str) -> str | None:
+    """Why `suite` has no held-out data to read for this run (None: it has), from the config
+    alone: the trainer checks its suites before step 1."""
+    d, e = cfg.data, cfg.eval
+    if suite == "text":
+        if e.text_path or d.text_path or d.source not in ("text", "synthetic"):
+            return None if e.text_path or d.held_out_percent > 0 else "data.held_out_percent is 0"
+        return f"data.source={d.source!r} holds no text out of training; set eval.text_path"
+    if suite in ("diffusion", "captions", "images"):
+        if e.data_path or d.source == "shapes":
+            return None
+        if d.source == "cached" and read_split_record(d.path) is None:
+            return f"the cache {d.path} records no held-out split; set eval.data_path"
+        if d.source not in ("imagefolder", "tfds", "cached"):
+            return f"data.source={d.source!r} holds no images out of training; set eval.data_path"
+        return None if d.held_out_percent > 0 else "data.held_out_percent is 0"
+    return None

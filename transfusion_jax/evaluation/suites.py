@@ -19,13 +19,15 @@ import numpy as np
 from transfusion_jax.batch import caption_first_document
 from transfusion_jax.data import shapes
 from transfusion_jax.data.images import to_uint8
-from transfusion_jax.evaluation.heldout import HELD_OUT_SEED, held_out_examples, held_out_texts
+from transfusion_jax.evaluation.heldout import HELD_OUT_SEED, held_out_texts
 from transfusion_jax.evaluation.language import bits_per_byte, perplexity, text_windows
 
 
 def _chunks(items: list, size: int):
     """`items` in chunks of exactly `size` (the last padded with its first item), so batched
-    generation compiles once; yields (chunk, how many are real)."""
+    generation compiles once (the generator pads prompt lengths to a few widths, too); yields
+    (chunk, how many are real). The chunks are eval.batch_size whatever the devices, so an
+    evaluation during training draws what the evaluate command draws."""
     for start in range(0, len(items), size):
         chunk = items[start : start + size]
         yield chunk + [chunk[0]] * (size - len(chunk)), len(chunk)
@@ -34,9 +36,14 @@ def _chunks(items: list, size: int):
 def draw(ev, prompts: list[str]) -> list[np.ndarray]:
     """uint8 images drawn for the prompts, batched, with the eval seed and settings."""
     e, images = ev.settings, []
-    for i, (chunk, real) in enumerate(_chunks(prompts, ev.rows_per_batch)):
+    limit = ev.cfg.data.max_caption_tokens  # as training cut the captions
+    for i, (chunk, real) in enumerate(_chunks(prompts, e.batch_size)):
         drawn = ev.pipeline.text_to_image(
-            chunk, steps=e.sampling_steps, cfg_scale=e.cfg_scale, seed=e.seed + i
+            chunk,
+            steps=e.sampling_steps,
+            cfg_scale=e.cfg_scale,
+            seed=e.seed + i,
+            max_prompt_tokens=limit,
         )
         images += [np.asarray(x) for x in drawn[:real]]
     return images
@@ -46,7 +53,7 @@ def write_captions(ev, pictures: np.ndarray) -> list[str]:
     """Greedy captions of pictures [N, S, S, 3] in [-1, 1], batched."""
     limit = ev.cfg.data.max_caption_tokens + 2
     captions = []
-    for chunk, real in _chunks(list(pictures), ev.rows_per_batch):
+    for chunk, real in _chunks(list(pictures), ev.settings.batch_size):
         written = ev.pipeline.caption(np.stack(chunk), max_new_tokens=limit, seed=ev.settings.seed)
         captions += written[:real]
     return captions
@@ -86,15 +93,16 @@ def shapes_suite(ev) -> dict:
 
 
 def text_suite(ev) -> dict:
-    texts, _ = held_out_texts(ev.cfg, ev.settings.num_examples)
+    texts, where = held_out_texts(ev.cfg, ev.settings.num_examples)
     token_lists = [ev.tokenizer.encode(t) for t in texts]
     kept = [(t, ids) for t, ids in zip(texts, token_lists, strict=True) if ids]
     if not kept:
-        raise ValueError("--suite text: the held-out text is empty")
+        raise ValueError(f"--text_path: the held-out text ({where}) is empty; give another")
     special = ev.tokenizer.special
-    rows, weights = text_windows([ids for _, ids in kept], ev.cfg.data.seq_len, special.bos, 0)
+    windows = text_windows([ids for _, ids in kept], ev.cfg.data.seq_len, special.bos, special.pad)
+    tokens, weights, lengths = windows
     # one document per row: its only part is the window's tokens
-    rows = [[[r[: int(w.sum()) + 1].tolist()]] for r, w in zip(rows, weights, strict=True)]
+    rows = [[[row[:n].tolist()]] for row, n in zip(tokens, lengths, strict=True)]
     total, count = 0.0, 0.0
     for batch, (w,), _ in ev.batches(rows, [weights]):
         nll, n = ev.text_nll(batch, w)
@@ -110,7 +118,7 @@ def text_suite(ev) -> dict:
 
 def diffusion_suite(ev) -> dict:
     cfg, e = ev.cfg, ev.settings
-    examples = held_out_examples(cfg, e.num_examples)
+    examples = ev.examples()
     latents = ev.model_images(np.stack([x.image for x in examples]))
     special = ev.tokenizer.special
     limit = cfg.data.max_caption_tokens
@@ -123,13 +131,22 @@ def diffusion_suite(ev) -> dict:
         min(int(f * ev.diffusion.num_timesteps), ev.diffusion.num_timesteps - 1)
         for f in e.diffusion_levels
     ]
-    key = jax.random.key(e.seed)
-    noise = np.asarray(jax.random.normal(key, (len(rows), len(levels), m, *latents.shape[1:])))
+    # Example k's noise at level j is drawn from (seed, k, j): the same whatever the batching.
+    key, shape = jax.random.key(e.seed), latents.shape[1:]
+
+    def draw_noise(k, j):
+        return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, k), j), shape)
+
+    ks, js = np.meshgrid(np.arange(len(rows)), np.arange(len(levels)), indexing="ij")
+    noise = np.asarray(jax.vmap(draw_noise)(ks.ravel(), js.ravel()))
+    noise = noise.reshape(len(rows), len(levels), *shape)
     errors = {t: [] for t in levels}
     for batch, (batch_noise,), real in ev.batches(rows, [noise]):
         for j, t in enumerate(levels):
             times = np.full((len(batch_noise), m), t, np.int32)
-            err, used = ev.image_errors(batch, times, batch_noise[:, j])
+            slots = np.zeros((len(batch_noise), m, *latents.shape[1:]), np.float32)
+            slots[:, 0] = batch_noise[:, j]  # each document's one image sits in slot 0
+            err, used = ev.image_errors(batch, times, slots)
             errors[t] += list(err[:real][used[:real]])
     per_level = {t: float(np.mean(v)) for t, v in errors.items()}
     result = {f"diffusion/val_loss_t{t}": v for t, v in per_level.items()}
@@ -140,7 +157,7 @@ def diffusion_suite(ev) -> dict:
 def captions_suite(ev) -> dict:
     from transfusion_jax.evaluation.cider import cider_scores
 
-    examples = held_out_examples(ev.cfg, ev.settings.num_examples)
+    examples = ev.examples()
     captions = write_captions(ev, np.stack([x.image for x in examples]))
     references = [x.captions for x in examples]
     scores = cider_scores(captions, references)
@@ -162,7 +179,12 @@ def images_suite(ev) -> dict:
             "Face CLIP directory such as openai/clip-vit-large-patch14); the code never "
             "downloads them (config fields eval.inception_weights, eval.clip_weights)"
         )
-    examples = held_out_examples(ev.cfg, e.num_examples)
+    examples = ev.examples()
+    if len(examples) < 2 and e.inception_weights:
+        raise ValueError(
+            f"--num {e.num_examples}: FID compares feature covariances, which need at least 2 "
+            f"images (and hundreds to mean much)"
+        )
     prompts = [x.captions[0] for x in examples]
     drawn = np.stack(draw(ev, prompts))
     ev.artifacts["images"] = dict(drawn=list(drawn), prompts=prompts)
