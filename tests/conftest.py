@@ -35,6 +35,15 @@ SLOW_TESTS = {
     "test_scanned_layers_equal_a_python_loop",
     "test_loss_is_zero_for_a_perfect_predictor",
     "test_scorer_reads_every_rendered_scene",
+    # a model's evaluation, and the full-size Inception against pytorch-fid's
+    "test_text_suite_equals_a_numpy_recomputation",
+    "test_text_suite_scores_documents_longer_than_a_row",
+    "test_diffusion_suite_equals_the_error_recomputed_from_the_prediction",
+    "test_shapes_and_captions_suites_score_an_oracle",
+    "test_features_match_pytorch_fid",
+    "test_float_images_in_minus_one_to_one_match_uint8",
+    "test_legacy_format_file_loads_the_same_weights",
+    "test_wrong_weights_name_the_key_and_file",
 }
 
 

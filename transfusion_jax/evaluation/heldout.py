@@ -152,8 +152,12 @@ def why_not(cfg, suite: str) -> str | None:
     alone: the trainer checks its suites before step 1."""
     d, e = cfg.data, cfg.eval
     if suite == "text":
-        if e.text_path or d.text_path or d.source not in ("text", "synthetic"):
-            return None if e.text_path or d.held_out_percent > 0 else "data.held_out_percent is 0"
+        if e.text_path:
+            return None
+        if d.text_path:
+            return None if d.held_out_percent > 0 else "data.held_out_percent is 0"
+        if why_not(cfg, "captions") is None:  # the held-out captions serve as the text
+            return None
         return f"data.source={d.source!r} holds no text out of training; set eval.text_path"
     if suite in ("diffusion", "captions", "images"):
         if e.data_path or d.source == "shapes":
