@@ -80,7 +80,12 @@ def test_evaluate_writes_the_json_and_one_line_per_metric(runs):
     assert {k: f"{v:.6g}" for k, v in saved["metrics"].items() if k in lines} == {
         k: v for k, v in lines.items()
     }
-    assert saved["settings"]["num_examples"] == 3
+    assert saved["settings"]["text"]["num_examples"] == 3 and set(saved["seconds"]) == {
+        "shapes",
+        "text",
+        "diffusion",
+        "captions",
+    }
     assert (workdir / "eval" / "6" / "shapes_drawn.png").is_file()
     assert (workdir / "eval" / "6" / "captions.txt").is_file()
 

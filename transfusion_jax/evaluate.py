@@ -7,10 +7,10 @@
 Suites (`evaluation/suites.py`): shapes, text, diffusion, captions, images. Loads the newest
 checkpoint that restores (`--step N` for another, `--ema` for the EMA weights), prints one
 `suite/metric=value` line per metric, and writes DIR/eval/STEP.json (STEP-ema.json for the EMA
-weights): {"step", "ema", "metrics", "settings", "seconds"}. Suites run later add their metrics to
-the same file. What a suite drew or wrote goes to DIR/eval/STEP/ (grids, captions.txt). The
-suites' sizes, seed and weights default to the run's `eval` config section; the flags override
-them.
+weights): {"step", "ema", "metrics", "settings" and "seconds" per suite}. Suites run later add
+their metrics to the same file. What a suite drew or wrote goes to DIR/eval/STEP/ (grids,
+captions.txt). The suites' sizes, seed and weights default to the run's `eval` config section;
+the flags override them.
 """
 
 import argparse
@@ -57,7 +57,9 @@ def write_results(
         record = json.loads(path.read_text())
     record["metrics"].update(metrics)
     record["seconds"] = {**record.get("seconds", {}), **seconds}
-    record["settings"] = {**record.get("settings", {}), **settings.to_dict()}
+    # per suite: suites run in separate calls may have used other sizes
+    used = json.loads(json.dumps(settings.to_dict(), default=list))
+    record["settings"] = {**record.get("settings", {}), **dict.fromkeys(seconds, used)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, default=list) + "\n")
