@@ -14,6 +14,7 @@ from transfusion_jax.batch import (
     text_target_mask,
     unconditional_prefix,
 )
+from transfusion_jax.loss import after_an_image
 
 B, E, BOI, EOI = SPECIAL.bos, SPECIAL.eos, SPECIAL.boi, SPECIAL.eoi
 
@@ -51,6 +52,24 @@ def test_text_targets_match_a_loop_on_random_layouts():
                 and img[r, q + 1] < 0
             )
             assert got[r, q] == expected, (r, q)
+
+
+def test_after_an_image_matches_a_loop_on_random_layouts():
+    rng = np.random.default_rng(2)
+    cfg = tiny_config(image__latent_size=4, image__max_images=3)
+    batch = random_batch(rng, cfg, 6, 48)
+    got = np.asarray(after_an_image(jnp.asarray(batch.segment_ids), jnp.asarray(batch.image_ids)))
+    seg, img = batch.segment_ids, batch.image_ids
+    for r in range(6):
+        for q in range(48):  # an image position earlier in the same document (or this one)
+            expected = any(seg[r, p] == seg[r, q] and img[r, p] >= 0 for p in range(q + 1))
+            assert got[r, q] == expected, (r, q)
+    # the hand-written row: the caption after the image of an image-first document
+    img4 = np.zeros((4, 4, 1), np.float32)
+    rows = [[image_first_document(img4, [30, 31], SPECIAL), [[B, 20, E]]]]
+    one = build_batch(rows, 16, 2, (4, 4, 1), 2, SPECIAL)
+    mask = after_an_image(jnp.asarray(one.segment_ids), jnp.asarray(one.image_ids))[0]
+    assert np.flatnonzero(np.asarray(mask)).tolist() == list(range(2, 10))  # patches..EOS
 
 
 def test_caption_drop_reproduces_the_unconditional_prefix():

@@ -10,9 +10,10 @@ import pytest
 
 from tests.helpers import SPECIAL, tiny_config
 from transfusion_jax import data as data_module
-from transfusion_jax.batch import build_batch
+from transfusion_jax.batch import build_batch, image_first_document
 from transfusion_jax.checkpoint import Checkpointer
 from transfusion_jax.data.synthetic import SyntheticSource
+from transfusion_jax.loss import loss_terms
 from transfusion_jax.optimizer import decay_mask
 from transfusion_jax.sharding import make_mesh
 from transfusion_jax.train import NonFiniteLossError, train
@@ -160,17 +161,63 @@ def test_gradient_accumulation_equals_the_whole_batch_gradient():
     lengths = [60, 3, 50, 2, 45, 4, 40, 5]  # micro-batch 0 (rows 0, 2, ...) holds the long rows
     rows = [[[list(rng.integers(5, 300, n))]] for n in lengths]
     batch = jax.tree.map(jax.numpy.asarray, build_batch(rows, 64, 2, (8, 8, 4), 2, SPECIAL))
-    grads = {}
+    grads, metrics = {}, {}
     for k in (1, 2):
         cfg = small_config()
         cfg.train.grad_accum_steps = k
         program = one_device_program(cfg)
         state = program.init_state(0)
-        grads[k], metrics = jax.jit(program._gradients)(state.params, batch, jax.random.key(7))
-        assert float(metrics["num_text_targets"]) == sum(n - 1 for n in lengths)
+        grads[k], metrics[k] = jax.jit(program._gradients)(state.params, batch, jax.random.key(7))
+        assert float(metrics[k]["num_text_targets"]) == sum(n - 1 for n in lengths)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7), *grads.values()
     )
+    for key in ("lm_loss", "lm_loss_after_image"):  # text only: nothing follows an image
+        np.testing.assert_allclose(metrics[1][key], metrics[2][key], rtol=1e-5)
+    assert float(metrics[1]["lm_loss_after_image"]) == 0.0
+
+
+def test_lm_loss_after_image_is_the_captions_share_under_accumulation():
+    """Rows of image-first documents (captions after images) and text: the logged LM loss after
+    images is the mean cross-entropy of exactly the caption targets, with or without
+    micro-batches."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for r in range(4):
+        latent = rng.normal(size=(8, 8, 4)).astype(np.float32)
+        caption = list(rng.integers(5, 300, 6 + r))
+        rows.append([image_first_document(latent, caption, SPECIAL), [[1, 7, 8, 9, 2]]])
+    batch = jax.tree.map(jax.numpy.asarray, build_batch(rows, 64, 2, (8, 8, 4), 2, SPECIAL))
+    cfg = small_config()
+    program = one_device_program(cfg)
+    state = program.init_state(0)
+    model = program.model(state.params)
+    rng_key = jax.random.key(3)
+    _, metrics = program.loss(state.params, batch, rng_key)
+    caption = np.zeros(batch.tokens.shape, bool)  # EOI -> first caption token .. last -> EOS
+    for r in range(4):
+        eoi = int(np.flatnonzero(np.asarray(batch.tokens[r]) == SPECIAL.eoi)[0])
+        caption[r, eoi : eoi + 6 + r + 1] = True
+
+    def caption_ce(rows, key):
+        """Summed cross-entropy of the caption targets of `rows`, drawn as the loss draws."""
+        part = jax.tree.map(lambda x: x[rows], batch)
+        t_rng, noise_rng = jax.random.split(key)
+        t = program.diffusion.sample_timesteps(t_rng, part.noise_limited)
+        noise = jax.random.normal(noise_rng, part.latents.shape)
+        terms = loss_terms(model, part, t, noise, program.diffusion)
+        assert (caption[rows] <= np.asarray(terms["token_mask"])).all()
+        return float(np.asarray(terms["token_ce"])[caption[rows]].sum())
+
+    count = caption.sum()
+    want = caption_ce(np.arange(4), rng_key) / count
+    np.testing.assert_allclose(metrics["lm_loss_after_image"], want, rtol=1e-5)
+    # two micro-batches: rows 0, 2 with key fold_in(key, 0) and rows 1, 3 with fold_in(key, 1)
+    cfg.train.grad_accum_steps = 2
+    program2 = one_device_program(cfg)
+    _, accumulated = jax.jit(program2._gradients)(state.params, batch, rng_key)
+    parts = [caption_ce(np.arange(i, 4, 2), jax.random.fold_in(rng_key, i)) for i in (0, 1)]
+    np.testing.assert_allclose(accumulated["lm_loss_after_image"], sum(parts) / count, rtol=1e-5)
 
 
 def test_ema_follows_the_weights():

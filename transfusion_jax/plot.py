@@ -26,7 +26,7 @@ import numpy as np
 from transfusion_jax.evaluation import COUNT_METRICS as COUNTS
 from transfusion_jax.evaluation import HEADLINE_METRICS as HEADLINES
 
-TRAIN_KEYS = ("loss", "lm_loss", "diffusion_loss", "learning_rate")
+TRAIN_KEYS = ("loss", "lm_loss", "lm_loss_after_image", "diffusion_loss", "learning_rate")
 EVAL_PREFIX = "eval/"
 FLOPS_KEY = "train_flops"
 X_KEYS = {"step": "step", "flops": FLOPS_KEY}

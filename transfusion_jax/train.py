@@ -177,7 +177,14 @@ class TransfusionTask:
     resume, checkpoints, preemption, metrics and the non-finite guard."""
 
     unit = "tokens"  # throughput is reported per this unit
-    logged = ("loss", "lm_loss", "diffusion_loss", "learning_rate", "grad_norm")
+    logged = (
+        "loss",
+        "lm_loss",
+        "diffusion_loss",
+        "lm_loss_after_image",
+        "learning_rate",
+        "grad_norm",
+    )
     default_config = staticmethod(base_config)
 
     @staticmethod
@@ -261,7 +268,10 @@ class TransfusionTask:
         return None
 
     def progress_line(self, r: dict) -> str:
-        return f"loss {r['loss']:.4f} (lm {r['lm_loss']:.4f}, diffusion {r['diffusion_loss']:.4f})"
+        return (
+            f"loss {r['loss']:.4f} (lm {r['lm_loss']:.4f}, after images "
+            f"{r['lm_loss_after_image']:.4f}, diffusion {r['diffusion_loss']:.4f})"
+        )
 
 
 def train(
