@@ -40,6 +40,7 @@ SLOW_TESTS = {
     "test_text_suite_scores_documents_longer_than_a_row",
     "test_diffusion_suite_equals_the_error_recomputed_from_the_prediction",
     "test_shapes_and_captions_suites_score_an_oracle",
+    "test_caption_likelihood_after_own_and_other_images_equals_a_recomputation",
     "test_features_match_pytorch_fid",
     "test_float_images_in_minus_one_to_one_match_uint8",
     "test_legacy_format_file_loads_the_same_weights",

@@ -334,3 +334,34 @@ def test_an_old_run_is_read_with_the_split_it_trained_with():
     cfg.update({"data": {"source": "shapes"}})
     fill_legacy(cfg, {"data": {"source": "shapes"}})
     assert cfg.data.held_out_percent == 5.0
+
+
+def test_caption_likelihood_after_own_and_other_images_equals_a_recomputation(evaluator):
+    from transfusion_jax.batch import image_first_document
+    from transfusion_jax.evaluation.suites import caption_nll
+
+    ev = evaluator
+    examples = ev.examples()[:3]
+    own, other = caption_nll(ev, examples)
+    special = ev.tokenizer.special
+    totals = []
+    for shift in (0, 1):
+        total = count = 0.0
+        for k, example in enumerate(examples):
+            image = examples[(k + shift) % len(examples)].image
+            caption = ev.tokenizer.encode(example.captions[0])
+            doc = image_first_document(image, caption, special)
+            batch = jax.tree.map(jnp.asarray, build_batch([[doc]], 96, 2, (16, 16, 3), 4, special))
+            # clean image at t = 0, as the suite (and the loss at t = 0) feeds it
+            a = np.sqrt(ev.diffusion.alphas_cumprod[0])
+            logits, _ = ev.model(batch, batch.latents * a, jnp.zeros((1, 2), jnp.int32))
+            logits = np.asarray(logits[0], np.float64)
+            logp = logits - logits.max(-1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+            eoi = int(np.flatnonzero(np.asarray(batch.tokens[0]) == special.eoi)[0])
+            targets = [*caption, special.eos]  # predicted from EOI and each caption token
+            total -= sum(logp[eoi + i, t] for i, t in enumerate(targets))
+            count += len(targets)
+        totals.append(total / count)
+    assert own == pytest.approx(totals[0], rel=1e-4)
+    assert other == pytest.approx(totals[1], rel=1e-4)

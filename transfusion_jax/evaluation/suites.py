@@ -7,20 +7,24 @@
 - `diffusion`: the held-out diffusion loss (the caption-first documents' image MSE) on a fixed
   grid of noise levels with fixed noise: the cheapest image-quality signal, comparable between
   checkpoints of a run.
-- `captions`: CIDEr-D of greedy captions of held-out images against all their captions.
+- `captions`: CIDEr-D of greedy captions of held-out images against all their captions, and
+  whether captioning reads the image at all: the captions' likelihood after their own image and
+  after another one (`image_information`, nats per token; 0 = the image is ignored).
 - `images`: FID (Inception pool features, `--inception_weights`) of images drawn from held-out
   captions against the held-out images, and their CLIP score (`--clip_weights`).
 Every suite reads held-out data only (`heldout.py`) and draws with `eval.seed`.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from transfusion_jax.batch import caption_first_document
+from transfusion_jax.batch import caption_first_document, image_first_document, text_target_mask
 from transfusion_jax.data import shapes
 from transfusion_jax.data.images import to_uint8
 from transfusion_jax.evaluation.heldout import HELD_OUT_SEED, held_out_texts
 from transfusion_jax.evaluation.language import bits_per_byte, perplexity, text_windows
+from transfusion_jax.loss import after_an_image
 
 
 def _chunks(items: list, size: int):
@@ -167,7 +171,36 @@ def captions_suite(ev) -> dict:
         references=references,
         scores=list(scores),
     )
-    return {"captions/cider": float(np.mean(scores)), "captions/images": len(examples)}
+    own, other = caption_nll(ev, examples)
+    return {
+        "captions/cider": float(np.mean(scores)),
+        "captions/nll": own,
+        "captions/nll_other_image": other,
+        "captions/image_information": other - own,
+        "captions/images": len(examples),
+    }
+
+
+def caption_nll(ev, examples) -> tuple[float, float]:
+    """Whether captioning reads the image: the negative log likelihood (nats per token) of each
+    example's first caption (and its EOS) after its own image, clean, as captioning sees it,
+    and after the next example's image. A model that ignores images scores the two alike;
+    `image_information` is their difference."""
+    special, limit = ev.tokenizer.special, ev.cfg.data.max_caption_tokens
+    captions = [ev.tokenizer.encode(x.captions[0])[:limit] for x in examples]
+    images = ev.model_images(np.stack([x.image for x in examples]))
+    results = []
+    for shift in (0, 1):
+        shown = np.roll(images, -shift, axis=0)
+        rows = [[image_first_document(z, c, special)] for z, c in zip(shown, captions, strict=True)]
+        total = count = 0.0
+        for batch, _, _ in ev.batches(rows, []):
+            segments, image_ids = jnp.asarray(batch.segment_ids), jnp.asarray(batch.image_ids)
+            weights = text_target_mask(segments, image_ids) & after_an_image(segments, image_ids)
+            nll, n = ev.text_nll(batch, np.asarray(weights, np.float32))
+            total, count = total + nll, count + n
+        results.append(total / count)
+    return results[0], results[1]
 
 
 def images_suite(ev) -> dict:
