@@ -59,3 +59,29 @@ def random_batch(rng, cfg, batch_size, seq_len):
         rows.append(row)
     s, c = cfg.image.latent_size, cfg.image.latent_channels
     return build_batch(rows, seq_len, m, (s, s, c), k, SPECIAL)
+
+
+_TORCHVISION_OPS = []  # keeps the op-schema Library alive for the whole session
+
+
+def importable_torchvision(torch):
+    """torchvision (None if not installed), importable beside this CPU torch build.
+
+    torchvision's compiled ops do not load beside some torch builds (PyPI's CUDA wheel beside
+    torch+cpu); its import then fails while registering fake kernels for torchvision::nms / qnms,
+    whose schemas only the compiled library would declare. Declaring the two schemas lets the
+    pure-Python part (the Inception of pytorch-fid, transformers' image processors) import.
+    """
+    try:
+        import torchvision
+    except ImportError:
+        return None
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+        lib = torch.library.Library("torchvision", "DEF")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _TORCHVISION_OPS.append(lib)
+        import torchvision
+    return torchvision

@@ -16,33 +16,12 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
+from tests.helpers import importable_torchvision
 from transfusion_jax.evaluation import clip as clip_lib
 from transfusion_jax.evaluation import clip_tokenizer as ct
 
 torch = pytest.importorskip("torch", reason="the reference CLIP is transformers' PyTorch model")
-_TORCHVISION_OPS = []  # kept alive: the op schemas last as long as their Library
-
-
-def _importable_torchvision() -> None:
-    """transformers imports torchvision whenever it is installed, and a torchvision whose compiled
-    ops do not load beside this torch build (a CUDA wheel beside torch+cpu) fails that import while
-    registering fake kernels for torchvision::nms / qnms. Declaring those two schemas lets the
-    pure-Python part, all that CLIP's image processor uses, import (as tests/test_fid.py does)."""
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
-        return
-    except RuntimeError as e:
-        if "torchvision::" not in str(e):
-            raise
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _TORCHVISION_OPS.append(lib)
-        import torchvision  # noqa: F401
-
-
-_importable_torchvision()
+importable_torchvision(torch)  # transformers imports torchvision whenever it is installed
 transformers = pytest.importorskip("transformers", reason="the reference CLIP is transformers'")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

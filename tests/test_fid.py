@@ -18,6 +18,7 @@ import pytest
 import scipy.linalg
 from safetensors.numpy import save_file
 
+from tests.helpers import importable_torchvision
 from transfusion_jax.evaluation.frechet import (
     feature_statistics,
     fid,
@@ -38,7 +39,6 @@ from transfusion_jax.evaluation.torch_weights import (
 
 # float32 on CPU: the two networks differ only in summation order.
 RTOL = 1e-4
-_TORCHVISION_OPS = []  # keeps the op-schema Library below alive for the whole session
 
 
 def relative(ours, reference) -> float:
@@ -50,31 +50,9 @@ def torch():
     return pytest.importorskip("torch", reason="the references are torch and pytorch-fid")
 
 
-def import_torchvision(torch):
-    """torchvision, importable beside this CPU torch build.
-
-    torchvision's compiled ops do not load beside some torch builds; its import then fails while
-    registering fake kernels for torchvision::nms / qnms, whose schemas only the compiled library
-    would declare. Declaring the two schemas lets the pure-Python import (all we use) finish.
-    """
-    try:
-        import torchvision
-    except RuntimeError as e:
-        if "torchvision::" not in str(e):
-            raise
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _TORCHVISION_OPS.append(lib)
-        import torchvision
-    return torchvision
-
-
 @pytest.fixture(scope="module")
 def pytorch_fid(torch):
-    try:
-        import_torchvision(torch)
-    except ImportError:
+    if importable_torchvision(torch) is None:
         pytest.skip("pytorch-fid builds on torchvision's Inception, which is not installed")
     pytest.importorskip("pytorch_fid", reason="the reference FID is pytorch-fid")
     import pytorch_fid.fid_score

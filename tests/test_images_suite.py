@@ -11,9 +11,10 @@ import pytest
 import scipy.linalg
 from flax import nnx
 
+from tests.helpers import importable_torchvision
 from tests.test_clip import SHAKESPEARE, learn_merges, reference_clip, write_tokenizer
 from tests.test_evaluation import small_config
-from tests.test_fid import import_torchvision, perturbed_inception_state, torch_features
+from tests.test_fid import perturbed_inception_state, torch_features
 from transfusion_jax.data.images import to_uint8
 from transfusion_jax.evaluation.clip import load_clip
 from transfusion_jax.evaluation.evaluator import Evaluator
@@ -35,7 +36,7 @@ def scipy_fid(a, b):
 def test_images_suite_equals_the_references(tmp_path, monkeypatch):
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} (the CLIP vocabulary's text) is absent")
-    import_torchvision(torch)
+    importable_torchvision(torch)
     import torchvision
 
     state = perturbed_inception_state(torch, torchvision)
