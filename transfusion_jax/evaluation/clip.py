@@ -28,6 +28,7 @@ from safetensors.numpy import load_file
 
 from transfusion_jax.evaluation.clip_tokenizer import MERGES, VOCAB, CLIPTokenizer
 from transfusion_jax.layers import to_dtype
+from transfusion_jax.weight_files import mismatch_report
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -389,16 +390,13 @@ def _fill(abstract_params: dict, tensors: dict, where: str) -> dict:
     unexpected = [
         f"{k} {tuple(v.shape)}" for k, v in tensors.items() if k not in used and k not in BUFFERS
     ]
-    problems = []
-    for what, items in (("missing", missing), ("misshapen", misshapen), ("unexpected", unexpected)):
-        if items:
-            more = f", ... ({len(items)} in all)" if len(items) > 5 else ""
-            problems.append(f"{what}: " + ", ".join(items[:5]) + more)
+    problems = mismatch_report(
+        {"missing": missing, "misshapen": misshapen, "unexpected": unexpected}
+    )
     if problems:
         raise ValueError(
-            f"{where}: the tensors do not match a CLIPModel with the architecture in its {CONFIG} ("
-            + "; ".join(problems)
-            + ")"
+            f"{where}: the tensors do not match a CLIPModel with the architecture in its {CONFIG} "
+            f"({problems})"
         )
     return filled
 

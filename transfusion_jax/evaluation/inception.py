@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from transfusion_jax.evaluation.torch_weights import load_weights
+from transfusion_jax.weight_files import mismatch_report
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = (
@@ -373,15 +374,13 @@ def _fill(shapes: dict, tensors: dict, file) -> dict:
         for k, v in tensors.items()
         if k not in used and k not in UNUSED_KEYS and not k.endswith(UNUSED_SUFFIX)
     ]
-    problems = []
-    for what, items in (("missing", missing), ("misshapen", misshapen), ("unexpected", unexpected)):
-        if items:
-            more = f", ... ({len(items)} in all)" if len(items) > 5 else ""
-            problems.append(f"{what}: " + ", ".join(items[:5]) + more)
+    problems = mismatch_report(
+        {"missing": missing, "misshapen": misshapen, "unexpected": unexpected}
+    )
     if problems:
         raise ValueError(
-            f"{file}: not the FID Inception weights ({'; '.join(problems)}); expected "
-            f"pytorch-fid's {FID_WEIGHTS_NAME}"
+            f"{file}: not the FID Inception weights ({problems}); expected pytorch-fid's "
+            f"{FID_WEIGHTS_NAME}"
         )
     return filled
 

@@ -64,7 +64,13 @@ def write_captions(ev, pictures: np.ndarray) -> list[str]:
 
 
 def _rates(scores: list[dict], prefix: str) -> dict:
-    return {f"{prefix}_{key}": float(np.mean([s[key] for s in scores])) for key in scores[0] if key}
+    """The share of examples with each score true; `correct` is reported as `accuracy`."""
+    return {
+        f"{prefix}_{'accuracy' if key == 'correct' else key}": float(
+            np.mean([s[key] for s in scores])
+        )
+        for key in scores[0]
+    }
 
 
 def shapes_suite(ev) -> dict:
@@ -92,7 +98,6 @@ def shapes_suite(ev) -> dict:
         caption_scores=caption_scores,
     )
     rates = _rates(image_scores, "text_to_image") | _rates(caption_scores, "captioning")
-    rates = {k.replace("_correct", "_accuracy"): v for k, v in rates.items()}
     return {f"shapes/{k}": v for k, v in rates.items()}
 
 

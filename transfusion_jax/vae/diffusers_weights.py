@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from transfusion_jax.vae.autoencoder import VAE, AutoencoderKL, vae_config
+from transfusion_jax.weight_files import mismatch_report
 
 CONFIG = "config.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -192,22 +193,18 @@ def _fill(abstract_params: dict, tensors: dict, file: pathlib.Path) -> dict:
 
     filled = jax.tree_util.tree_map_with_path(load, abstract_params)
     unexpected = [f"{k} {tuple(v.shape)}" for n, (k, v) in by_name.items() if n not in used]
-    problems = []
-    for what, items in (
-        ("missing", missing),
-        ("unexpected", unexpected),
-        ("misshapen", misshapen),
-        ("duplicate (legacy and current names)", duplicates),
-    ):
-        if items:
-            more = f", ... ({len(items)} in all)" if len(items) > 5 else ""
-            shown = ", ".join(items[:5]) + more
-            problems.append(f"{what}: {shown}")
+    problems = mismatch_report(
+        {
+            "missing": missing,
+            "unexpected": unexpected,
+            "misshapen": misshapen,
+            "duplicate (legacy and current names)": duplicates,
+        }
+    )
     if problems:
         raise ValueError(
-            f"{file}: the tensors do not match the architecture in its {CONFIG} ("
-            + "; ".join(problems)
-            + "); is the config from the same checkpoint?"
+            f"{file}: the tensors do not match the architecture in its {CONFIG} ({problems}); "
+            f"is the config from the same checkpoint?"
         )
     return filled
 
