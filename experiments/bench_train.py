@@ -3,6 +3,8 @@
   python -m experiments.bench_train --preset reference          # the shared comparison point
   python -m experiments.bench_train --config configs/tiny.py --grad_only
   python -m experiments.bench_train --config configs/paper.py:0.76b --seq 4096 --batch 8
+  python -m experiments.bench_train --config configs/paper.py:0.76b --seq 4096 --batch 8 \
+      --attention gpu_flash
 
 `--preset reference`: width 512, depth 8, 8 heads of 64, text vocab 1024, linear patch layers,
 batch 8, each row one document of 64 text positions (BOS, 61 caption tokens, BOI, EOI) and one
@@ -81,6 +83,7 @@ def main():
     parser.add_argument("--seq", type=int, help="row length (default: config's)")
     parser.add_argument("--dtype", help="compute dtype override, e.g. bfloat16")
     parser.add_argument("--remat", help="remat policy override")
+    parser.add_argument("--attention", help="model.attention override: xla, cudnn, gpu_flash, ...")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--peak_tflops", type=float, default=0.0)
     parser.add_argument("--grad_only", action="store_true")
@@ -92,6 +95,7 @@ def main():
     cfg.data.source = "synthetic"  # latents as the model sees them: no VAE, no files
     cfg.model.dtype = args.dtype or cfg.model.dtype
     cfg.model.remat_policy = args.remat or cfg.model.remat_policy
+    cfg.model.attention = args.attention or cfg.model.attention
     cfg = resolve_model(cfg)
     mesh = shd.mesh_from_config(cfg)
     program = TrainProgram(cfg, mesh)
@@ -139,6 +143,7 @@ def main():
     print(
         f"config={name} params={counts['total']} batch={cfg.train.batch_size} "
         f"seq={cfg.data.seq_len} dtype={cfg.model.dtype} remat={cfg.model.remat_policy} "
+        f"attention={cfg.model.attention} "
         f"mode={'grad' if args.grad_only else 'train_step'}"
     )
     print(

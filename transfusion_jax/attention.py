@@ -5,12 +5,47 @@ or when both positions belong to the same image (bidirectional inside an image).
 each other, and padding is isolated. Because documents and images are contiguous runs, the allowed
 keys of each query are one interval `[doc_start, text ? q + 1 : image_end)`: that is the form fast
 kernels take, and `key_ranges` computes it.
+
+Implementations (`model.attention`): `xla` (dense masked softmax, any backend), `cudnn` (cuDNN's
+fused attention with the dense mask as a bias), `tpu_flash` / `gpu_flash` (the Pallas kernels of
+`transfusion_jax.kernels`, driven by key ranges: no [L, L] array and no fully masked block is ever
+computed; on a CPU they run in Pallas interpret mode, for tests) and `auto` (the flash kernel of the
+backend, else `xla`). The training forward builds the mask its implementation wants
+(`training_mask`); the KV-cached generation passes dense masks, which always take the `xla` path.
 """
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+IMPLEMENTATIONS = ("xla", "cudnn", "tpu_flash", "gpu_flash", "auto")
+FLASH = ("tpu_flash", "gpu_flash")
+
+
+class KeyRanges(NamedTuple):
+    """Each query's allowed keys `[start, end)`, int32 [B, L] each: a flash kernel's mask."""
+
+    start: jax.Array
+    end: jax.Array
+
+
+def resolve_implementation(name: str, backend: str | None = None) -> str:
+    """`auto` made concrete for a backend: the flash kernel of TPUs and GPUs, else `xla`."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {name!r} is not one of {IMPLEMENTATIONS}")
+    if name != "auto":
+        return name
+    backend = backend or jax.default_backend()
+    return {"tpu": "tpu_flash", "gpu": "gpu_flash"}.get(backend, "xla")
+
+
+def training_mask(segment_ids: jax.Array, image_ids: jax.Array, implementation: str):
+    """The mask of a whole packed batch in the form `implementation` consumes."""
+    if resolve_implementation(implementation) in FLASH:
+        return KeyRanges(*key_ranges(segment_ids, image_ids))
+    return make_attention_mask(segment_ids, image_ids)
 
 
 def make_attention_mask(segment_ids: jax.Array, image_ids: jax.Array) -> jax.Array:
@@ -63,18 +98,47 @@ def mask_from_key_ranges(start: jax.Array, end: jax.Array) -> jax.Array:
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, implementation: str = "xla"
+    q: jax.Array, k: jax.Array, v: jax.Array, mask, implementation: str = "xla"
 ) -> jax.Array:
     """Masked softmax attention with grouped KV heads.
 
-    q: [B, Lq, H, D]; k, v: [B, Lk, G, D] with G dividing H; mask: bool [B, Lq, Lk].
+    q: [B, Lq, H, D]; k, v: [B, Lk, G, D] with G dividing H; mask: bool [B, Lq, Lk], or
+    `KeyRanges` (self-attention, Lq == Lk) for a flash kernel.
     Logits and softmax are computed in float32 whatever the input dtype; the output has q's dtype.
     """
-    if implementation == "xla":
-        return _xla_attention(q, k, v, mask)
+    implementation = resolve_implementation(implementation)
+    if isinstance(mask, KeyRanges):
+        if implementation not in FLASH:
+            return _xla_attention(q, k, v, mask_from_key_ranges(*mask))
+        return _flash(q, k, v, mask, implementation)
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
-    raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
+    return _xla_attention(q, k, v, mask)
+
+
+def _flash(q, k, v, ranges: KeyRanges, implementation: str):
+    """Runs a flash kernel; under a mesh, once per device on its rows and heads (shard_map), as
+    a Pallas call is opaque to XLA's partitioner."""
+    if implementation == "tpu_flash":
+        from transfusion_jax.kernels.tpu_flash import flash_attention
+    else:
+        from transfusion_jax.kernels.gpu_flash import flash_attention
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return flash_attention(q, k, v, ranges.start, ranges.end)
+    rows = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names) or None
+    heads = "tensor" if "tensor" in mesh.axis_names else None
+    if heads and k.shape[2] % mesh.shape[heads]:
+        heads = None  # KV heads that the tensor axis cannot split: each device takes all heads
+    qkv = PartitionSpec(rows, None, heads, None)
+    per_row = PartitionSpec(rows, None)
+    return jax.shard_map(
+        flash_attention,
+        mesh=mesh,
+        in_specs=(qkv, qkv, qkv, per_row, per_row),
+        out_specs=qkv,
+        check_vma=False,
+    )(q, k, v, ranges.start, ranges.end)
 
 
 def _xla_attention(q, k, v, mask):

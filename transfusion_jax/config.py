@@ -15,6 +15,8 @@ import re
 
 import ml_collections
 
+from transfusion_jax.attention import IMPLEMENTATIONS
+
 
 def llama_ffn_dim(d_model: int) -> int:
     """The Llama-2 FFN width rule, 256 * ceil(8d / 3 / 256): 768 -> 2048, 4096 -> 11008."""
@@ -41,7 +43,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # Compute dtype: "bfloat16" for mixed precision with f32 weights.
     # Which activations the backward pass keeps (see transformer.REMAT_POLICIES).
     c.model.remat_policy = "dots_with_no_batch_dims"
-    c.model.attention = "xla"  # The attention implementation (see attention.IMPLEMENTATIONS).
+    # The attention implementation: xla, cudnn, tpu_flash, gpu_flash, or auto (the flash kernel of
+    # TPUs and GPUs, xla on CPUs). See transfusion_jax/attention.py.
+    c.model.attention = "xla"
 
     c.image = ml_collections.ConfigDict()
     # h = w of one image's latent (256 px / 8 for the paper's VAE); 0 = follow the data (in pixel
@@ -189,7 +193,11 @@ def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(m.head_dim % 2 == 0, "model.head_dim", f"{m.head_dim} must be even for RoPE")
     for key in ("param_dtype", "dtype"):
         _check(m[key] in _DTYPES, f"model.{key}", f"{m[key]!r} is not one of {_DTYPES}")
-    _check(m.attention in ("xla", "cudnn"), "model.attention", f"{m.attention!r} is unknown")
+    _check(
+        m.attention in IMPLEMENTATIONS,
+        "model.attention",
+        f"{m.attention!r} is not one of {IMPLEMENTATIONS}",
+    )
     _check(
         m.attention != "cudnn" or m.dtype in ("bfloat16", "float16"),
         "model.attention",

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transfusion_jax.attention import make_attention_mask
+from transfusion_jax.attention import training_mask
 from transfusion_jax.batch import Batch, image_slots
 from transfusion_jax.config import resolve_model
 from transfusion_jax.layers import apply_flat, dense, sharded, to_dtype
@@ -29,7 +29,7 @@ class Transfusion(nnx.Module):
         cfg = resolve_model(cfg)
         m, im = cfg.model, cfg.image
         self.max_images = im.max_images
-        self.depth, self.compute_dtype = m.depth, m.dtype
+        self.depth, self.compute_dtype, self.attention = m.depth, m.dtype, m.attention
         self.num_patches = (im.latent_size // im.patch_size) ** 2
         dt = dict(dtype=to_dtype(m.dtype), param_dtype=to_dtype(m.param_dtype))
         self.embed = nnx.Embed(
@@ -67,7 +67,7 @@ class Transfusion(nnx.Module):
         )
         x = jnp.where(batch.image_ids[..., None] >= 0, from_image, self.embed(batch.tokens))
 
-        mask = make_attention_mask(batch.segment_ids, batch.image_ids)
+        mask = training_mask(batch.segment_ids, batch.image_ids, self.attention)
         h = self.transformer(x, batch.positions, mask)
 
         logits = self.logits(h)
