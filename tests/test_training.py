@@ -86,6 +86,42 @@ def test_kill_and_resume_is_exact(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, pa, pb)
 
 
+def test_checkpoint_with_flat_attention_weights_restores(tmp_path):
+    """Checkpoints of earlier versions hold q/k/v/o as flat [embed, heads * head_dim] matrices
+    (weights, Adam moments, EMA): they restore into the heads-axis layout, values unchanged,
+    onto a sharded mesh."""
+    cfg = small_config()
+    cfg.train.ema_decay = 0.9
+    state = one_device_program(cfg).init_state(0)
+    nudge = lambda x: x + 0.01 if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x  # noqa: E731
+    state = jax.tree.map(nudge, state)  # Adam's moments nonzero
+
+    def flatten_heads(path, x):
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        if "attn" not in names or names[-1] != "kernel":
+            return x
+        if names[-2] == "o":  # [layers, heads, head_dim, embed]
+            return x.reshape(x.shape[0], -1, x.shape[-1])
+        return x.reshape(*x.shape[:2], -1)  # [layers, embed, heads, head_dim]
+
+    legacy = jax.tree_util.tree_map_with_path(flatten_heads, state)
+    assert legacy.params["transformer"]["blocks"]["attn"]["q"]["kernel"].ndim == 3
+    checkpoints = Checkpointer(tmp_path / "checkpoints", keep=2)
+    checkpoints.save(1, legacy, {}, {})
+    checkpoints.wait()
+    program = TrainProgram(cfg, make_mesh(2, 2, 2))
+    restored, _ = checkpoints.restore(1, program.abstract_state())
+    checkpoints.close()
+    jax.tree.map(np.testing.assert_array_equal, restored, state)
+    q = restored.params["transformer"]["blocks"]["attn"]["q"]["kernel"]
+    assert (
+        q.sharding.spec
+        == program.abstract_state()
+        .params["transformer"]["blocks"]["attn"]["q"]["kernel"]
+        .sharding.spec
+    )
+
+
 def test_resume_onto_a_different_mesh(tmp_path):
     first = small_config(fsdp=8)
     train(first, tmp_path / "run", stop_at_step=3)

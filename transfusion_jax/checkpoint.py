@@ -13,13 +13,16 @@ mid-save leaves the previous steps intact.
 
 import json
 import logging
+import math
 import os
 import pathlib
 import re
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from transfusion_jax.train_step import TrainState
 from transfusion_jax.workdir import RunError, fill_legacy
@@ -204,11 +207,83 @@ class Checkpointer:
             return False  # unreadable: the restore reports it
 
     def _restore(self, step, abstract_state):
+        target, legacy = self._stored_layout(step, abstract_state)
         args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()
         )
         restored = self.manager.restore(step, args=args)
-        return restored["state"], restored["data"]
+        state = self._current_layout(step, restored["state"], abstract_state, legacy)
+        return state, restored["data"]
+
+    def restore_params(self, step: int, abstract_params, ema: bool = False):
+        """Only the weights at `step` (the EMA weights with `ema`), placed as `abstract_params`'
+        shardings say: an Orbax partial restore, which reads neither the optimizer state nor the
+        other set of weights (for sampling: a quarter of an Adam + EMA state)."""
+        # Without its tree metadata Orbax would read a partial target anyway: damaged, as for
+        # `restore` (and training, which sets such a step aside).
+        if not (self.directory / str(step) / "state" / "_METADATA").is_file():
+            raise FileNotFoundError(f"step {step}: the state's _METADATA is missing")
+        name = "ema_params" if ema else "params"
+        wanted = {name: abstract_params}
+        target, legacy = self._stored_layout(step, wanted)
+        restore = ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        )
+        # Straight from the step's directory: the manager's item handler for "state" is the
+        # StandardCheckpointHandler of `restore`, which takes no partial target.
+        checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+        try:
+            restored = checkpointer.restore(self.directory / str(step) / "state", args=restore)
+        finally:
+            checkpointer.close()
+        return self._current_layout(step, restored, wanted, legacy)[name]
+
+    @staticmethod
+    def _current_layout(step, restored, abstract, legacy: bool):
+        """`restored` (read as `_stored_layout` said) with every leaf in `abstract`'s shape and
+        sharding."""
+        if not legacy:
+            return restored
+        log.info("step %d: attention weights saved as flat matrices, given their heads axis", step)
+        return jax.tree.map(
+            lambda x, want: (
+                jax.device_put(x.reshape(want.shape), want.sharding) if x.shape != want.shape else x
+            ),
+            restored,
+            abstract,
+        )
+
+    def _stored_layout(self, step, abstract_state):
+        """(restore target, whether it differs): attention kernels saved in the flat layout of
+        earlier versions (`[embed, heads * head_dim]`, now `[embed, heads, head_dim]`) are read
+        in their stored shape, replicated, and reshaped after (the same values, row-major)."""
+        # Read by a handler of its own: the manager's `item_metadata` is None for an item no
+        # handler was registered for yet (a fresh Checkpointer: every sample run, every resume).
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            metadata = handler.metadata(self.directory / str(step) / "state")
+            stored = jax.tree_util.tree_flatten_with_path(metadata)
+        except Exception:  # noqa: BLE001 - unreadable metadata: the restore itself reports it
+            return abstract_state, False
+        finally:
+            handler.close()
+        shapes = {_key_names(path): getattr(leaf, "shape", None) for path, leaf in stored[0]}
+        changed = []
+
+        def target(path, want):
+            names, shape = _key_names(path), shapes.get(_key_names(path))
+            if shape is None or tuple(shape) == want.shape or "attn" not in names:
+                return want
+            if math.prod(shape) != math.prod(want.shape):
+                return want  # a real mismatch: the restore reports it
+            changed.append(names)
+            replicated = NamedSharding(want.sharding.mesh, PartitionSpec())
+            return jax.ShapeDtypeStruct(tuple(shape), want.dtype, sharding=replicated)
+
+        result = jax.tree_util.tree_map_with_path(target, abstract_state)
+        return result, bool(changed)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -229,12 +304,14 @@ class Checkpointer:
                 log.warning("closing the checkpoint manager: %s", first_line(e))
 
 
-def restore_trained(workdir, make_program, step: int | None = None, defaults=None):
+def restore_trained(workdir, make_program, step: int | None = None, defaults=None, restore=None):
     """(program, state, step) of a finished or running training directory, for inference: the
     given step, or else the newest one that restores (a damaged one is named in a warning and
     skipped), each restored by `make_program(config)` built from the config stored with it (so
     a run whose config changed on resume restores every step as it was trained). `defaults()`
-    gives keys added to the project since the run was saved their default values."""
+    gives keys added to the project since the run was saved their default values.
+    `restore(checkpoints, step, program)` reads what is wanted of a step (default: the whole
+    state, `Checkpointer.restore`); it is called after `make_program`, which may refuse first."""
     workdir = pathlib.Path(workdir)
     checkpoints = Checkpointer(workdir / "checkpoints", keep=None, read_only=True)
     try:
@@ -255,7 +332,10 @@ def restore_trained(workdir, make_program, step: int | None = None, defaults=Non
             fill_legacy(cfg, stored)
             program = make_program(cfg)
             try:
-                state, _ = checkpoints.restore(candidate, program.abstract_state())
+                if restore is None:
+                    state, _ = checkpoints.restore(candidate, program.abstract_state())
+                else:
+                    state = restore(checkpoints, candidate, program)
             except Exception as e:  # noqa: BLE001 - damaged: try the step before
                 if step is not None:
                     raise
@@ -270,3 +350,14 @@ def restore_trained(workdir, make_program, step: int | None = None, defaults=Non
         )
     finally:
         checkpoints.close()
+
+
+def _key_names(path) -> tuple[str, ...]:
+    """A tree path as plain names, the same for a dict and a dataclass or named tuple."""
+    names = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                names.append(str(getattr(key, attr)))
+                break
+    return tuple(names)

@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat_policy = "dots_with_no_batch_dims"
     # The attention implementation: xla, cudnn, tpu_flash, gpu_flash, or auto (the flash kernel of
     # TPUs and GPUs, xla on CPUs). See transfusion_jax/attention.py.
-    c.model.attention = "xla"
+    c.model.attention = "auto"
 
     c.image = ml_collections.ConfigDict()
     # h = w of one image's latent (256 px / 8 for the paper's VAE); 0 = follow the data (in pixel

@@ -67,6 +67,8 @@ def load_exported(path, mesh=None):
             if name not in f.keys():
                 raise ValueError(f"{path}: tensor {name!r} is missing")
             array = f.get_tensor(name)
+            if "/attn/" in f"/{name}/" and array.size == spec.size:
+                array = array.reshape(spec.shape)  # earlier exports: flat [embed, heads * dim]
             if array.shape != spec.shape:
                 raise ValueError(
                     f"{path}: tensor {name!r} has shape {array.shape}, the config says {spec.shape}"

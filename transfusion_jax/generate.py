@@ -14,19 +14,27 @@ prefix (`BOS BOI`), so its unconditional prediction is the one the model was tra
 `Generator` jits these primitives once per shape; the loops over tokens and denoising steps run
 under jit (`lax.while_loop` / the samplers' `lax.scan`). Only the switch between text and images
 is a Python loop, at most `max_images + 1` turns.
+
+On a mesh (the model's weights placed by `sharding.param_shardings`) every jitted function runs
+under that mesh, and the cache [depth, B, S, G, D] is sharded: whole KV heads over `tensor`
+(replicated on it when it does not divide them) and rows over the batch axes that divide B.
 """
 
+import contextlib
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from transfusion_jax import samplers
 from transfusion_jax.batch import SpecialTokens, unconditional_prefix
 from transfusion_jax.diffusion import Diffusion
+from transfusion_jax.sharding import BATCH_AXES
 
 
 @struct.dataclass
@@ -37,17 +45,43 @@ class Context:
     logits: jax.Array  # float32 [B, V]: the next-token logits after the last committed token
 
 
-def empty_context(model, batch_size: int, capacity: int) -> Context:
+def empty_context(model, batch_size: int, capacity: int, mesh: Mesh | None = None) -> Context:
+    """An empty cache, created in place on `mesh` (see `cache_sharding`) when one is given."""
     attn = model.transformer.blocks.attn
     shape = (model.depth, batch_size, capacity, attn.num_kv_heads, attn.head_dim)
     dtype = jnp.dtype(model.compute_dtype)
     vocab = model.embed.num_embeddings
+    where = None if mesh is None else cache_sharding(mesh, batch_size, attn.num_kv_heads)
     return Context(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=jnp.zeros(shape, dtype, device=where),
+        v=jnp.zeros(shape, dtype, device=where),
         length=jnp.zeros((batch_size,), jnp.int32),
         logits=jnp.zeros((batch_size, vocab), jnp.float32),
     )
+
+
+def cache_sharding(mesh: Mesh, batch_size: int, num_kv_heads: int) -> NamedSharding:
+    """Where a cache [depth, B, S, G, D] lives on `mesh`: whole KV heads over `tensor` (kept
+    whole, replicated on that axis, when its size does not divide G), and rows over the batch
+    axes (data and fsdp, else the one of them) whose devices divide B."""
+    size = lambda axes: math.prod(mesh.shape.get(a, 1) for a in axes)  # noqa: E731
+    rows = None
+    for axes in (BATCH_AXES, *sorted(((a,) for a in BATCH_AXES), key=lambda a: -size(a))):
+        if all(a in mesh.shape for a in axes) and size(axes) > 1 and batch_size % size(axes) == 0:
+            rows = axes
+            break
+    tensor = mesh.shape.get("tensor", 1)
+    heads = "tensor" if tensor > 1 and num_kv_heads % tensor == 0 else None
+    return NamedSharding(mesh, PartitionSpec(None, rows, None, heads, None))
+
+
+def params_mesh(params) -> Mesh | None:
+    """The mesh of more than one device that the weights are placed on (None: one device)."""
+    for leaf in jax.tree.leaves(params):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh if sharding.mesh.size > 1 else None
+    return None
 
 
 def _block_mask(length: jax.Array, block: int, capacity: int, bidirectional: bool) -> jax.Array:
@@ -147,8 +181,9 @@ class Generator:
     ):
         """num_ids: the tokenizer's ids are [0, num_ids); the rest of the vocabulary is padding
         and is never emitted (None: all ids). progress: optional host function called once per
-        denoising model evaluation."""
-        self.graphdef, self.params = nnx.split(model)
+        denoising model evaluation. A model whose weights are placed on a mesh generates on
+        that mesh (see the module's docstring)."""
+        self.set_model(model)
         self.progress = progress
         self.diffusion, self.special = diffusion, special
         self.image_shape = tuple(image_shape)
@@ -157,17 +192,44 @@ class Generator:
         valid = np.arange(vocab) < (num_ids or vocab)
         valid[special.pad] = False  # never generate padding or ids beyond the tokenizer's
         self.vocab_mask = jnp.asarray(valid)
-        self._append_tokens = jax.jit(self._wrap(append_tokens))
-        self._append_image = jax.jit(self._wrap(append_image))
-        self._decode = jax.jit(self._decode_text, static_argnames=("options",))
-        self._image = jax.jit(self._sample_image, static_argnames=("options",))
+        self._append_tokens = self._on_mesh(jax.jit(self._wrap(append_tokens)))
+        self._append_image = self._on_mesh(jax.jit(self._wrap(append_image)))
+        self._decode = self._on_mesh(jax.jit(self._decode_text, static_argnames=("options",)))
+        self._image = self._on_mesh(jax.jit(self._sample_image, static_argnames=("options",)))
+
+    def set_model(self, model) -> None:
+        """Other weights of the same architecture (their mesh too): the compiled functions are
+        reused for weights placed alike."""
+        self.graphdef, self.params = nnx.split(model)
+        self.mesh = params_mesh(self.params)
 
     def _wrap(self, fn):
         @functools.wraps(fn)
         def wrapped(params, *args):
-            return fn(nnx.merge(self.graphdef, params), *args)
+            return self._constrain(fn(nnx.merge(self.graphdef, params), *args))
 
         return wrapped
+
+    def _on_mesh(self, fn):
+        """fn traced and run under the weights' mesh (its abstract mesh is what the model's
+        sharding constraints read); as it is without one."""
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+                return fn(*args, **kwargs)
+
+        return call
+
+    def _constrain(self, ctx: Context) -> Context:
+        """The cache kept where `cache_sharding` puts it (inside jit: a sharding constraint)."""
+        if self.mesh is None:
+            return ctx
+        where = cache_sharding(self.mesh, ctx.k.shape[1], ctx.k.shape[3])
+        return ctx.replace(
+            k=jax.lax.with_sharding_constraint(ctx.k, where),
+            v=jax.lax.with_sharding_constraint(ctx.v, where),
+        )
 
     # -- jitted loops -------------------------------------------------------------------------
 
@@ -197,14 +259,16 @@ class Generator:
             )
             active = ~done & (i < budget)
             out = out.at[:, i].set(jnp.where(active, token, -1))
-            ctx = append_tokens(model, ctx, token[:, None], active.astype(jnp.int32))
+            ctx = self._constrain(
+                append_tokens(model, ctx, token[:, None], active.astype(jnp.int32))
+            )
             boi = boi | (active & (token == self.special.boi))
             done = done | ~active | (token == self.special.eos) | (token == self.special.boi)
             return i + 1, ctx, out, done, boi
 
         start = (0, ctx, out, jnp.zeros((b,), bool), jnp.zeros((b,), bool))
         _, ctx, out, _, boi = jax.lax.while_loop(cond, body, start)
-        return ctx, out, jnp.sum(out >= 0, axis=1), boi
+        return self._constrain(ctx), out, jnp.sum(out >= 0, axis=1), boi
 
     def _sample_image(self, params, ctx, uncond, rng, options: SamplingOptions):
         model = nnx.merge(self.graphdef, params)
@@ -233,7 +297,7 @@ class Generator:
     def start(self, prompts: list[list[int]], capacity: int) -> Context:
         """A context holding the text prompts (ragged; each one row)."""
         model = nnx.merge(self.graphdef, self.params)
-        ctx = empty_context(model, len(prompts), capacity)
+        ctx = empty_context(model, len(prompts), capacity, self.mesh)
         width = min(_bucket(max(len(p) for p in prompts), PROMPT_BUCKET), capacity)
         tokens = np.full((len(prompts), width), self.special.pad, np.int32)
         for r, p in enumerate(prompts):

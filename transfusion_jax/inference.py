@@ -10,9 +10,15 @@
 It wraps `generate.Generator` (KV-cached decoding and denoising) with the run's tokenizer, and
 picks the sampler from the model's objective (DDPM for epsilon, Heun for flow) unless told;
 in pixel space DDPM/DDIM clip their x0 estimate to [-1, 1].
+
+On several devices, `Pipeline.from_workdir(DIR, mesh="auto")` (all local devices, see
+`auto_mesh_shape`; or a `sharding.make_mesh` mesh) reads only the weights it samples with, each
+straight into its shards, and generation keeps the KV cache split by heads (and rows); the
+outputs are those of one device.
 """
 
 import contextlib
+import json
 import logging
 import math
 import pathlib
@@ -21,6 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 from PIL import Image as PILImage
+from safetensors import safe_open
 from tqdm import tqdm
 
 from transfusion_jax.checkpoint import restore_trained
@@ -71,13 +78,14 @@ class Pipeline:
         """Other weights of the same architecture (the trainer's newest, for evaluation during
         training): the compiled generation functions are reused."""
         self.model, self.step = model, step
-        self.generator.graphdef, self.generator.params = nnx.split(model)
+        self.generator.set_model(model)
         self._reporting = None
 
     @classmethod
     def from_workdir(cls, workdir, ema: bool = False, step: int | None = None, mesh=None):
         """The newest checkpoint that restores (or `step`), with the config stored with it;
-        `ema` takes the EMA weights; `mesh` places the weights (default: one device)."""
+        `ema` takes the EMA weights; `mesh` places the weights, and generation runs on it
+        (default: one device; "auto": all local devices, see `auto_mesh_shape`)."""
         model, cfg, step = load_trained(workdir, use_ema=ema, step=step, mesh=mesh)
         return cls(model, cfg, step)
 
@@ -287,22 +295,61 @@ def image_grid(images, min_cell: int = 128, border: int = 2) -> np.ndarray:
 
 def load_trained(workdir, use_ema: bool = False, step: int | None = None, mesh=None):
     """(model, config, step) from a training run's directory (or a file written by
-    `transfusion_jax.export`), placed on `mesh` (default: the first local device).
+    `transfusion_jax.export`), placed on `mesh` (default: the first local device; "auto": all
+    local devices, shaped by `auto_mesh_shape`).
 
     Restores the given step, or else the newest one that restores (a damaged latest checkpoint
     is named in a warning and skipped), with the config stored in that checkpoint (DIR/config.json
-    for checkpoints saved before configs were stored); `use_ema` takes the EMA weights.
+    for checkpoints saved before configs were stored); `use_ema` takes the EMA weights. Only
+    those weights are read (an Orbax partial restore, each array straight into its shards on
+    `mesh`): not the optimizer state, not the other set of weights.
     """
     workdir = pathlib.Path(workdir)
+    if isinstance(mesh, str) and mesh != "auto":
+        raise ValueError(f"mesh {mesh!r}: a jax.sharding.Mesh, None (one device) or 'auto'")
     if workdir.suffix == ".safetensors" and workdir.is_file():  # an export (export.py)
         if use_ema or step is not None:
             raise ValueError(f"{workdir}: an export holds one set of weights (no ema, no step)")
+        if isinstance(mesh, str):
+            with safe_open(str(workdir), framework="numpy") as f:
+                stored = json.loads((f.metadata() or {}).get("config", "{}"))
+            mesh = _auto_mesh(stored)
         return load_exported(workdir, mesh)
-    mesh = mesh or make_mesh(1, 1, 1, jax.local_devices()[:1])
-    program, state, step = restore_trained(
-        workdir, lambda cfg: TrainProgram(cfg, mesh, frozen_weights=False), step, base_config
-    )
-    if use_ema and not state.ema_params:
-        raise ValueError(f"--workdir {workdir}: the run kept no EMA weights (train.ema_decay=0)")
-    params = state.ema_params if use_ema else state.params
+    meshes = {}  # one mesh for every step tried, made from the first config read
+
+    def make_program(cfg):
+        if "mesh" not in meshes:
+            auto = isinstance(mesh, str)
+            meshes["mesh"] = (
+                _auto_mesh(cfg) if auto else mesh or make_mesh(1, 1, 1, jax.local_devices()[:1])
+            )
+        program = TrainProgram(cfg, meshes["mesh"], frozen_weights=False)
+        if use_ema and program.cfg.train.ema_decay <= 0:
+            raise ValueError(
+                f"--workdir {workdir}: the run kept no EMA weights (train.ema_decay=0)"
+            )
+        return program
+
+    def restore(checkpoints, candidate, program):
+        abstract = program.abstract_state().params
+        return checkpoints.restore_params(candidate, abstract, ema=use_ema)
+
+    program, params, step = restore_trained(workdir, make_program, step, base_config, restore)
     return nnx.merge(program.graphdef, params), program.cfg, step
+
+
+def _auto_mesh(cfg):
+    """All local devices, shaped by `auto_mesh_shape` for a (stored) config's KV heads."""
+    model = cfg.get("model", {})
+    heads = model.get("num_kv_heads") or model.get("num_heads") or 1
+    devices = jax.local_devices()
+    return make_mesh(*auto_mesh_shape(len(devices), heads), devices)
+
+
+def auto_mesh_shape(num_devices: int, num_kv_heads: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) for sampling: `tensor` as many devices as split whole KV heads
+    (the largest common divisor: the attention weights and the KV cache, what grows with the
+    context, split by heads), `fsdp` the rest (the other weights split along the model width,
+    the prompts by rows)."""
+    tensor = math.gcd(num_devices, num_kv_heads)
+    return 1, num_devices // tensor, tensor

@@ -38,6 +38,24 @@ def dense(rngs, d_in, d_out, names, *, dtype, param_dtype, scale=1.0, use_bias=F
     )
 
 
+def dense_general(rngs, in_shape, out_shape, names, *, dtype, param_dtype, scale=1.0):
+    """A bias-free projection from trailing axes `in_shape` to `out_shape`, kernel
+    `[*in_shape, *out_shape]` named by `names`: attention keeps its heads as an axis of their own
+    (`[embed, heads, head_dim]`), so tensor parallelism can only split whole heads. Initialised
+    as the flat `[prod(in), prod(out)]` matrix (fan-in = prod(in_shape)), then reshaped."""
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    return nnx.LinearGeneral(
+        in_shape,
+        out_shape,
+        axis=tuple(range(-len(in_shape), 0)),
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=sharded(fan_in_init(scale), *names),
+        rngs=rngs,
+    )
+
+
 def apply_flat(layer, x: jax.Array) -> jax.Array:
     """`layer` on x [..., d] as one 2-D matmul over [prod(...), d] (see transformer.Transformer)."""
     return layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)

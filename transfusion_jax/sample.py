@@ -8,6 +8,10 @@
 Loads the newest checkpoint that restores (`--step N` for another, `--ema` for the EMA weights)
 through `transfusion_jax.Pipeline`, and shows the progress of the denoising steps. Flags are
 checked before the model loads.
+
+Sampling runs on every local device (`--mesh DATA,FSDP,TENSOR` to choose the split): only the
+weights it uses are read, each straight into its shards, and the KV cache is split by heads, so
+a model too large for one device samples on one multi-GPU host or a TPU slice.
 """
 
 import argparse
@@ -15,12 +19,14 @@ import math
 import pathlib
 import sys
 
+import jax
 from PIL import Image
 
 from transfusion_jax.checkpoint import Checkpointer
 from transfusion_jax.data.tokenizer import make_tokenizer
-from transfusion_jax.inference import SAMPLERS_FOR, Pipeline, image_grid
+from transfusion_jax.inference import SAMPLERS_FOR, Pipeline, auto_mesh_shape, image_grid
 from transfusion_jax.samplers import METHODS
+from transfusion_jax.sharding import make_mesh
 from transfusion_jax.workdir import RunError
 
 
@@ -75,6 +81,25 @@ def check_arguments(args, parser) -> None:
             f"{what}: the context would need {needed} positions, but the model was trained on "
             f"rows of {seq_len} (data.seq_len); shorten it"
         )
+    kv_heads = cfg["model"].get("num_kv_heads") or cfg["model"]["num_heads"]
+    args.mesh_shape = _mesh_shape(args.mesh, len(jax.local_devices()), kv_heads, parser)
+
+
+def _mesh_shape(value: str, devices: int, kv_heads: int, parser) -> tuple[int, int, int]:
+    """--mesh as (data, fsdp, tensor), checked against the local devices."""
+    if value == "auto":
+        return auto_mesh_shape(devices, kv_heads)
+    fix = f"give DATA,FSDP,TENSOR whose product is {devices}, one of them may be -1 (the rest)"
+    try:
+        shape = tuple(int(x) for x in value.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or any(x == 0 or x < -1 for x in shape) or shape.count(-1) > 1:
+        parser.error(f"--mesh {value}: not auto or three sizes; {fix}")
+    known = math.prod(x for x in shape if x != -1)
+    if (devices % known) if -1 in shape else (known != devices):
+        parser.error(f"--mesh {value}: there are {devices} local devices; {fix}")
+    return shape
 
 
 def _stored_config(args, parser) -> dict:
@@ -121,11 +146,22 @@ def main(argv=None):
     parser.add_argument(
         "--step", type=int, default=None, help="the checkpoint to load (default: the newest)"
     )
+    parser.add_argument(
+        "--mesh",
+        default="auto",
+        metavar="DATA,FSDP,TENSOR",
+        help="how the local devices split the work (one size may be -1: the "
+        "rest). auto uses all of them: tensor as many as split whole KV heads (the attention "
+        "weights and the KV cache, which grows with the context, split by heads: what lets a "
+        "large model's cache fit), fsdp the rest (the other weights split along the width, "
+        "the images or prompts by rows)",
+    )
     args = parser.parse_args(argv)
     check_arguments(args, parser)
 
     try:
-        pipe = Pipeline.from_workdir(args.workdir, ema=args.ema, step=args.step)
+        mesh = make_mesh(*args.mesh_shape, jax.local_devices())
+        pipe = Pipeline.from_workdir(args.workdir, ema=args.ema, step=args.step, mesh=mesh)
         pipe.options(sampler=args.sampler, cfg_scale=args.cfg_scale, steps=args.steps)
     except (FileNotFoundError, ValueError, RunError) as e:
         parser.exit(2, f"error: {e}\n")

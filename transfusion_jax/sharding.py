@@ -8,6 +8,8 @@ A weight dimension is sharded only when the mesh axis size divides it, and a mes
 most once per weight; anything else stays replicated, so every config runs on every mesh.
 """
 
+import functools
+import logging
 import math
 
 import jax
@@ -67,11 +69,31 @@ def logical_to_mesh(names, shape, mesh: Mesh) -> PartitionSpec:
             raise KeyError(f"logical axis {name!r} has no entry in sharding.RULES")
         axis = RULES.get(name) if name is not None else None
         if axis is None or axis in used or size % mesh.shape[axis] != 0:
+            if axis is not None and name in WHOLE and size % mesh.shape[axis]:
+                _warn_unsplit(name, size, axis, mesh.shape[axis])
             spec.append(None)
             continue
         used.add(axis)
         spec.append(axis)
     return PartitionSpec(*spec)
+
+
+# Axes that are only ever split whole: a mesh axis that does not divide them leaves them whole.
+WHOLE = ("heads", "kv_heads")
+
+
+@functools.cache
+def _warn_unsplit(name: str, size: int, axis: str, axis_size: int) -> None:
+    logging.getLogger(__name__).warning(
+        "%d %s do not divide over mesh.%s=%d: those weights stay replicated on that axis (set "
+        "mesh.%s to a divisor of %d to split them)",
+        size,
+        name,
+        axis,
+        axis_size,
+        axis,
+        size,
+    )
 
 
 def param_shardings(logical_specs, abstract_params, mesh: Mesh):
@@ -87,6 +109,18 @@ def param_shardings(logical_specs, abstract_params, mesh: Mesh):
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension over data x fsdp, everything else replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """x with its leading (row) axis split over the batch axes of the context mesh, the rest
+    replicated: the activation layout at block boundaries. Without a mesh context, x."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    if x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(axes))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -5,11 +5,13 @@ The blocks are created stacked (every weight gets a leading `layers` axis) and r
 is one config string.
 """
 
+import contextlib
+
 import jax
 from flax import nnx
 
-from transfusion_jax import attention
-from transfusion_jax.layers import apply_rope, dense, rms_norm, to_dtype
+from transfusion_jax import attention, sharding
+from transfusion_jax.layers import apply_rope, dense, dense_general, rms_norm, to_dtype
 
 # Which intermediate values the backward pass may keep instead of recomputing.
 REMAT_POLICIES = {
@@ -28,10 +30,12 @@ class Attention(nnx.Module):
         dt = dict(dtype=to_dtype(m.dtype), param_dtype=to_dtype(m.param_dtype))
         d, hd = m.d_model, m.head_dim
         out_scale = 1.0 / (2 * m.depth)  # Residual outputs shrink with depth (GPT-2 style).
-        self.q = dense(rngs, d, m.num_heads * hd, ("embed", "heads"), **dt)
-        self.k = dense(rngs, d, m.num_kv_heads * hd, ("embed", "kv_heads"), **dt)
-        self.v = dense(rngs, d, m.num_kv_heads * hd, ("embed", "kv_heads"), **dt)
-        self.o = dense(rngs, m.num_heads * hd, d, ("heads", "embed"), scale=out_scale, **dt)
+        heads, kv_heads = (m.num_heads, hd), (m.num_kv_heads, hd)
+        self.q = dense_general(rngs, (d,), heads, ("embed", "heads", "head_dim"), **dt)
+        self.k = dense_general(rngs, (d,), kv_heads, ("embed", "kv_heads", "head_dim"), **dt)
+        self.v = dense_general(rngs, (d,), kv_heads, ("embed", "kv_heads", "head_dim"), **dt)
+        names = ("heads", "head_dim", "embed")
+        self.o = dense_general(rngs, heads, (d,), names, scale=out_scale, **dt)
         if m.qk_norm:
             norm = dict(eps=m.norm_eps, **dt)
             self.q_norm = rms_norm(rngs, hd, "head_dim", **norm)
@@ -58,7 +62,7 @@ class Attention(nnx.Module):
             k, v = _write_rows(kv[0], k, write_at), _write_rows(kv[1], v, write_at)
             kv = (k, v)
         out = attention.dot_product_attention(q, k, v, mask, self.implementation)
-        out = self.o(out.reshape(b * length, self.num_heads * self.head_dim)).reshape(x.shape)
+        out = self.o(out.reshape(*x.shape[:-1], self.num_heads, self.head_dim))
         return out, kv
 
 
@@ -104,9 +108,10 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     """`depth` stacked blocks and the final norm; maps [B, L, d] to [B, L, d].
 
-    The residual stream is carried as [B * L, d]: every projection is then a plain 2-D matmul,
-    whose weight gradient contracts one axis (XLA:CPU runs the two-axis contraction of a
-    [B, L, d] input at about half speed; on accelerators the reshape is free).
+    The residual stream is [B, L, d], constrained at every block boundary to rows over the
+    mesh's batch axes (under a mesh context, as the train step sets). On CPU backends it is
+    carried as [B * L, d] instead: every projection is then a plain 2-D matmul, whose weight
+    gradient contracts one axis (XLA:CPU runs the two-axis contraction at about half speed).
     """
 
     def __init__(self, cfg, rngs: nnx.Rngs):
@@ -141,12 +146,32 @@ class Transformer(nnx.Module):
         def layer(h, xs):
             block_state, kv = xs
             h, kv = nnx.merge(graphdef, block_state)(h, positions, mask, kv, write_at)
-            return h, kv
+            return sharding.constrain_rows(h), kv
 
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none" and cache is None:
             layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
-        b, length, d = x.shape
-        x, new_cache = jax.lax.scan(layer, x.reshape(b * length, d), (stacked, cache))
-        x = self.final_norm(x).reshape(b, length, d)
+        shape = x.shape
+        if flat_residual():
+            x = x.reshape(-1, shape[-1])
+        x, new_cache = jax.lax.scan(layer, sharding.constrain_rows(x), (stacked, cache))
+        x = self.final_norm(x).reshape(shape)
         return x if cache is None else (x, new_cache)
+
+
+def flat_residual() -> bool:
+    """Whether the residual stream is carried as [B * L, d] (the CPU layout, see Transformer)."""
+    return jax.default_backend() == "cpu" and not _TARGET_ACCELERATOR[0]
+
+
+_TARGET_ACCELERATOR = [False]
+
+
+@contextlib.contextmanager
+def compiling_for_accelerator():
+    """Traces the accelerator layout on a CPU host: for ahead-of-time compiles for TPUs."""
+    _TARGET_ACCELERATOR[0] = True
+    try:
+        yield
+    finally:
+        _TARGET_ACCELERATOR[0] = False
