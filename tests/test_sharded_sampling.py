@@ -104,6 +104,8 @@ def test_sharded_sampling_equals_one_device(saved, kv_heads):
     alone = many.generator.start([[bos, 70]], 64)  # one row: not split over fsdp=2
     assert shard_shapes(alone.k) == {(depth, 1, 64, heads_per_device, hd)}
 
+    if kv_heads % MESH[2]:
+        return  # whole heads differ only in the cache spec checked above; outputs compared once
     # Text -> image, with guidance: the same tokens, images equal to float rounding.
     prompts = [one._prompt("a small red circle"), one._prompt("")]
     options = one.options(steps=3, cfg_scale=2.0, max_new_tokens=1)

@@ -14,8 +14,8 @@ PEAK_BF16_TFLOPS = {
     "H100": 989.0,
     "A100": 312.0,
     "TPU v6": 918.0,
-    "TPU v5p": 459.0,
-    "TPU v5": 197.0,  # v5e ("TPU v5 lite")
+    "TPU v5 lite": 197.0,  # v5e
+    "TPU v5": 459.0,  # v5p reports "TPU v5"
     "TPU v4": 275.0,
 }
 

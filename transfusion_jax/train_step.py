@@ -263,11 +263,12 @@ class TrainProgram:
             out_shardings=(self.state_shardings, shd.replicated(self.mesh)),
             donate_argnums=(0,),
         )
+        abstract_state = self.abstract_state()  # outside the mesh context: it makes a key
         # The mesh as context: attention kernels run per device under it (attention._flash).
         with jax.set_mesh(self.mesh):
             if not frozen:
-                return step.lower(self.abstract_state(), abstract_batch).compile()
-            compiled = step.lower(self.abstract_state(), abstract_batch, self.frozen).compile()
+                return step.lower(abstract_state, abstract_batch).compile()
+            compiled = step.lower(abstract_state, abstract_batch, self.frozen).compile()
         return FrozenBound(compiled, self.frozen)
 
 
