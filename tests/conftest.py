@@ -19,6 +19,7 @@ SLOW_MODULES = {
     "test_evaluate_cli",
     "test_images_suite",
     "test_faults",
+    "test_flash_training",
     "test_generate",
     "test_multiprocess",
     "test_overfit",
@@ -45,6 +46,11 @@ SLOW_TESTS = {
     "test_float_images_in_minus_one_to_one_match_uint8",
     "test_legacy_format_file_loads_the_same_weights",
     "test_wrong_weights_name_the_key_and_file",
+    # the flash kernels in Pallas interpret mode, and compiles for a virtual TPU
+    "test_output_and_gradients_match_dense_attention",
+    "test_matches_dense_xla_attention",
+    "test_forward_and_backward_compile_through_mosaic",
+    "test_key_blocks_that_no_query_sees_get_zero_gradients",
 }
 
 
