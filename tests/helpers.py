@@ -61,6 +61,17 @@ def random_batch(rng, cfg, batch_size, seq_len):
     return build_batch(rows, seq_len, m, (s, s, c), k, SPECIAL)
 
 
+def flat_attention_layout(path, x):
+    """A state leaf as earlier versions saved it: q/k/v/o kernels as flat [embed, heads * dim]
+    (o: [heads * dim, embed]) matrices; use with `jax.tree_util.tree_map_with_path`."""
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    if "attn" not in names or names[-1] != "kernel":
+        return x
+    if names[-2] == "o":  # [layers, heads, head_dim, embed]
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    return x.reshape(*x.shape[:2], -1)  # [layers, embed, heads, head_dim]
+
+
 _TORCHVISION_OPS = []  # keeps the op-schema Library alive for the whole session
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, flat_attention_layout
 from transfusion_jax import Pipeline
 from transfusion_jax import sample as sample_cli
 from transfusion_jax.checkpoint import Checkpointer
@@ -154,16 +154,8 @@ def test_params_only_restore_migrates_flat_attention_weights(tmp_path):
     params-only path reads them in that shape and gives them their heads axis, sharded."""
     cfg = small_config(4)
 
-    def flatten_heads(path, x):
-        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        if "attn" not in names or names[-1] != "kernel":
-            return x
-        if names[-2] == "o":  # [layers, heads, head_dim, embed]
-            return x.reshape(x.shape[0], -1, x.shape[-1])
-        return x.reshape(*x.shape[:2], -1)  # [layers, embed, heads, head_dim]
-
     state = perturbed_state(cfg)
-    save(tmp_path, cfg, jax.tree_util.tree_map_with_path(flatten_heads, state))
+    save(tmp_path, cfg, jax.tree_util.tree_map_with_path(flat_attention_layout, state))
     model, _, step = load_trained(tmp_path, use_ema=True, mesh=make_mesh(*MESH))
     params = model.transformer.blocks.attn.q.kernel[...]
     assert step == 1 and params.ndim == 4 and "tensor" in params.sharding.spec

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import SPECIAL, tiny_config
+from tests.helpers import SPECIAL, flat_attention_layout, tiny_config
 from transfusion_jax import data as data_module
 from transfusion_jax.batch import build_batch, image_first_document
 from transfusion_jax.checkpoint import Checkpointer
@@ -96,15 +96,7 @@ def test_checkpoint_with_flat_attention_weights_restores(tmp_path):
     nudge = lambda x: x + 0.01 if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x  # noqa: E731
     state = jax.tree.map(nudge, state)  # Adam's moments nonzero
 
-    def flatten_heads(path, x):
-        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        if "attn" not in names or names[-1] != "kernel":
-            return x
-        if names[-2] == "o":  # [layers, heads, head_dim, embed]
-            return x.reshape(x.shape[0], -1, x.shape[-1])
-        return x.reshape(*x.shape[:2], -1)  # [layers, embed, heads, head_dim]
-
-    legacy = jax.tree_util.tree_map_with_path(flatten_heads, state)
+    legacy = jax.tree_util.tree_map_with_path(flat_attention_layout, state)
     assert legacy.params["transformer"]["blocks"]["attn"]["q"]["kernel"].ndim == 3
     checkpoints = Checkpointer(tmp_path / "checkpoints", keep=2)
     checkpoints.save(1, legacy, {}, {})

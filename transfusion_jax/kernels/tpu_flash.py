@@ -210,26 +210,36 @@ def _clamped(lo_ref, hi_ref, row, step):
     return jnp.maximum(jnp.minimum(lo_ref[row] + step, hi_ref[row] - 1), 0)
 
 
-def _forward(q, k, vt, start_row, end_row, bounds, block_q, block_k, interpret):
-    b, h, length, d = q.shape
-    rep = h // k.shape[1]
-    nq, nk = length // block_q, length // block_k
+def _query_tile_specs(rep, nq, d, block_q, block_k):
+    """BlockSpecs of the grids over (row, head, query tile, step) of the forward and dq kernels:
+    a query tile [block_q, d]; its key tile [block_k, d] and transposed [d, block_k] (clamped
+    to the tile's bounds, from the scalar-prefetched kv_lo / kv_hi); the tile's start/end rows
+    [1, block_q]; a per-head row [1, block_q] (logsumexp, delta); a transposed output tile."""
 
     def kv_block(bi, i, j, lo_ref, hi_ref):
         return _clamped(lo_ref, hi_ref, bi * nq + i, j)
 
-    q_spec = pl.BlockSpec((None, None, block_q, d), lambda bi, hh, i, j, *_: (bi, hh, i, 0))
-    k_spec = pl.BlockSpec(
-        (None, None, block_k, d),
-        lambda bi, hh, i, j, *r: (bi, _kv_head(hh, rep), kv_block(bi, i, j, *r), 0),
+    return (
+        pl.BlockSpec((None, None, block_q, d), lambda bi, hh, i, j, *_: (bi, hh, i, 0)),
+        pl.BlockSpec(
+            (None, None, block_k, d),
+            lambda bi, hh, i, j, *r: (bi, _kv_head(hh, rep), kv_block(bi, i, j, *r), 0),
+        ),
+        pl.BlockSpec(
+            (None, None, d, block_k),
+            lambda bi, hh, i, j, *r: (bi, _kv_head(hh, rep), 0, kv_block(bi, i, j, *r)),
+        ),
+        pl.BlockSpec((None, 1, block_q), lambda bi, hh, i, j, *_: (bi, 0, i)),
+        pl.BlockSpec((None, None, 1, block_q), lambda bi, hh, i, j, *_: (bi, hh, 0, i)),
+        pl.BlockSpec((None, None, d, block_q), lambda bi, hh, i, j, *_: (bi, hh, 0, i)),
     )
-    vt_spec = pl.BlockSpec(
-        (None, None, d, block_k),
-        lambda bi, hh, i, j, *r: (bi, _kv_head(hh, rep), 0, kv_block(bi, i, j, *r)),
-    )
-    range_spec = pl.BlockSpec((None, 1, block_q), lambda bi, hh, i, j, *_: (bi, 0, i))
-    ot_spec = pl.BlockSpec((None, None, d, block_q), lambda bi, hh, i, j, *_: (bi, hh, 0, i))
-    lse_spec = pl.BlockSpec((None, None, 1, block_q), lambda bi, hh, i, j, *_: (bi, hh, 0, i))
+
+
+def _forward(q, k, vt, start_row, end_row, bounds, block_q, block_k, interpret):
+    b, h, length, d = q.shape
+    nq, nk = length // block_q, length // block_k
+    specs = _query_tile_specs(h // k.shape[1], nq, d, block_q, block_k)
+    q_spec, k_spec, vt_spec, range_spec, lse_spec, ot_spec = specs
     kernel = functools.partial(
         _forward_kernel,
         scale=d**-0.5,
@@ -263,24 +273,9 @@ def _forward(q, k, vt, start_row, end_row, bounds, block_q, block_k, interpret):
 
 def _dq(q, k, v, kt, do, lse, delta, start_row, end_row, bounds, block_q, block_k, interpret):
     b, h, length, d = q.shape
-    rep = h // k.shape[1]
     nq, nk = length // block_q, length // block_k
-
-    def kv_block(bi, i, j, lo_ref, hi_ref):
-        return _clamped(lo_ref, hi_ref, bi * nq + i, j)
-
-    q_spec = pl.BlockSpec((None, None, block_q, d), lambda bi, hh, i, j, *_: (bi, hh, i, 0))
-    k_spec = pl.BlockSpec(
-        (None, None, block_k, d),
-        lambda bi, hh, i, j, *r: (bi, _kv_head(hh, rep), kv_block(bi, i, j, *r), 0),
-    )
-    kt_spec = pl.BlockSpec(
-        (None, None, d, block_k),
-        lambda bi, hh, i, j, *r: (bi, _kv_head(hh, rep), 0, kv_block(bi, i, j, *r)),
-    )
-    row_spec = pl.BlockSpec((None, None, 1, block_q), lambda bi, hh, i, j, *_: (bi, hh, 0, i))
-    range_spec = pl.BlockSpec((None, 1, block_q), lambda bi, hh, i, j, *_: (bi, 0, i))
-    dqt_spec = pl.BlockSpec((None, None, d, block_q), lambda bi, hh, i, j, *_: (bi, hh, 0, i))
+    specs = _query_tile_specs(h // k.shape[1], nq, d, block_q, block_k)
+    q_spec, k_spec, kt_spec, range_spec, row_spec, dqt_spec = specs
     kernel = functools.partial(
         _dq_kernel, scale=d**-0.5, block_k=block_k, num_q_blocks=nq, steps=nk
     )
