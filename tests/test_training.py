@@ -7,6 +7,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests.helpers import SPECIAL, flat_attention_layout, tiny_config
 from transfusion_jax import data as data_module
@@ -112,6 +113,34 @@ def test_checkpoint_with_flat_attention_weights_restores(tmp_path):
         .params["transformer"]["blocks"]["attn"]["q"]["kernel"]
         .sharding.spec
     )
+
+
+def test_export_with_flat_attention_weights_loads(tmp_path):
+    """Exports of earlier versions hold q/k/v/o as flat matrices: `load_exported` gives them
+    their heads axis, values unchanged."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from transfusion_jax.export import export, load_exported
+
+    cfg = small_config()
+    program = one_device_program(cfg)
+    params = program.init_state(0).params
+    export(nnx.merge(program.graphdef, params), program.cfg, 3, tmp_path / "new.safetensors")
+    with safe_open(str(tmp_path / "new.safetensors"), framework="numpy") as f:
+        metadata = f.metadata()
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    flat = {}
+    for name, array in tensors.items():
+        parts = name.split("/")
+        path = [jax.tree_util.DictKey(part) for part in parts]
+        flat[name] = np.asarray(flat_attention_layout(path, array))
+    assert flat["transformer/blocks/attn/o/kernel"].ndim == 3  # [layers, heads * dim, embed]
+    save_file(flat, str(tmp_path / "old.safetensors"), metadata=metadata)
+    model, _, step = load_exported(tmp_path / "old.safetensors")
+    assert step == 3
+    restored = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, restored, jax.tree.map(np.asarray, params))
 
 
 def test_resume_onto_a_different_mesh(tmp_path):

@@ -85,8 +85,9 @@ def _attention_bwd(scale, settings, residuals, d_out):
     q, k, v, start, end, out, lse = residuals
     d_out = d_out.astype(q.dtype)
     delta = jnp.einsum("blhd,blhd->bhl", out.astype(jnp.float32), d_out.astype(jnp.float32))
-    dq = _backward_dq(q, k, v, start, end, d_out, lse, delta, scale, settings)
-    dk, dv = _backward_dkv(q, k, v, start, end, d_out, lse, delta, scale, settings)
+    bounds = blocks.block_bounds(start, end, settings.block_bwd, settings.block_bwd)
+    dq = _backward_dq(q, k, v, start, end, bounds, d_out, lse, delta, scale, settings)
+    dk, dv = _backward_dkv(q, k, v, start, end, bounds, d_out, lse, delta, scale, settings)
     no_grad = jax.tree.map(lambda x: jnp.zeros(x.shape, jax.dtypes.float0), (start, end))
     return (dq, dk, dv, *no_grad)
 
@@ -170,11 +171,10 @@ def _forward(q, k, v, start, end, scale, settings):
     )(q, k, v, start, end, bounds.kv_lo, bounds.kv_hi)
 
 
-def _backward_dq(q, k, v, start, end, d_out, lse, delta, scale, settings):
+def _backward_dq(q, k, v, start, end, bounds, d_out, lse, delta, scale, settings):
     b, length, h, d = q.shape
     group = h // k.shape[2]
     blk = settings.block_bwd
-    bounds = blocks.block_bounds(start, end, blk, blk)
     precision = _precision(q.dtype)
 
     def kernel(q_ref, do_ref, lse_ref, delta_ref, start_ref, end_ref, lo_ref, hi_ref, k_ref, v_ref,
@@ -213,12 +213,11 @@ def _backward_dq(q, k, v, start, end, d_out, lse, delta, scale, settings):
     )(q, d_out, lse, delta, start, end, bounds.kv_lo, bounds.kv_hi, k, v)
 
 
-def _backward_dkv(q, k, v, start, end, d_out, lse, delta, scale, settings):
+def _backward_dkv(q, k, v, start, end, bounds, d_out, lse, delta, scale, settings):
     b, length, h, d = q.shape
     kv_heads = k.shape[2]
     group = h // kv_heads
     blk = settings.block_bwd
-    bounds = blocks.block_bounds(start, end, blk, blk)
     precision = _precision(q.dtype)
 
     def kernel(k_ref, v_ref, lo_ref, hi_ref, q_ref, do_ref, lse_ref, delta_ref, start_ref, end_ref,
