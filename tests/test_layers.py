@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 from tests.helpers import tiny_config
-from transfusion_jax.config import resolve_model
 from transfusion_jax.layers import apply_rope
+from transfusion_jax.model_config import ModelSpec
 from transfusion_jax.patching import patchify, unpatchify
 from transfusion_jax.transformer import Transformer
 
@@ -56,10 +56,11 @@ def unrolled(transformer, x, positions, mask):
 
 @pytest.mark.parametrize("policy", ["none", "full", "dots_with_no_batch_dims"])
 def test_scanned_layers_equal_a_python_loop(policy):
-    cfg = resolve_model(tiny_config(model__remat_policy=policy, model__num_kv_heads=2))
-    transformer = Transformer(cfg, nnx.Rngs(1))
+    cfg = tiny_config(model__remat_policy=policy, model__num_kv_heads=2)
+    spec = ModelSpec.from_config(cfg).transformer
+    transformer = Transformer(spec, nnx.Rngs(1))
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2, 12, cfg.model.d_model)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, 12, spec.d_model)), jnp.float32)
     positions = jnp.tile(jnp.arange(12), (2, 1))
     mask = jnp.tril(jnp.ones((2, 12, 12), bool))
     np.testing.assert_allclose(

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transfusion_jax.model_config import DiffusionSpec, ModelSpec
+
 
 def cosine_alphas_cumprod(
     num_timesteps: int, s: float = 0.008, max_beta: float = 0.999
@@ -37,9 +39,18 @@ class Diffusion:
     noise_limit: int = 500
 
     @classmethod
+    def from_spec(cls, spec: DiffusionSpec) -> "Diffusion":
+        return cls(
+            objective=spec.objective,
+            num_timesteps=spec.num_timesteps,
+            noise_limit=spec.noise_limit,
+        )
+
+    @classmethod
     def from_config(cls, cfg) -> "Diffusion":
-        d = cfg.diffusion
-        return cls(objective=d.objective, num_timesteps=d.num_timesteps, noise_limit=d.noise_limit)
+        """`from_spec` of a ConfigDict's spec (`ModelSpec.from_config`: resolved and checked),
+        for the call sites that hold a config."""
+        return cls.from_spec(ModelSpec.from_config(cfg).diffusion)
 
     @property
     def alphas_cumprod(self) -> np.ndarray:

@@ -6,7 +6,9 @@ for attention scores over a row of L positions, forward and backward, whatever t
 The U-Net's convolutions are not counted: MFU for U-Net configs is a lower bound.
 """
 
-from transfusion_jax.config import resolve_model
+import ml_collections
+
+from transfusion_jax.model_config import ModelSpec, as_model_spec
 
 # Dense bf16 peak per device, TFLOP/s, by a substring of jax's device_kind.
 PEAK_BF16_TFLOPS = {
@@ -27,11 +29,16 @@ def device_peak_tflops(device) -> float | None:
     return None
 
 
-def model_flops_per_token(cfg, seq_len: int, counts: dict) -> float:
-    cfg = resolve_model(cfg)
-    m = cfg.model
+def model_flops_per_token(
+    spec: ModelSpec | ml_collections.ConfigDict, seq_len: int, counts: dict
+) -> float:
+    """Training FLOPs per position of a row of `seq_len`; `counts` from `model.parameter_counts`.
+    A ConfigDict is converted with `ModelSpec.from_config`."""
+    spec = as_model_spec(spec)
+    transformer = spec.transformer
     weights = counts["transformer"]
-    weights += m.d_model * m.vocab_size  # the LM head (tied or not, it is a matmul per token)
-    if cfg.patch.kind == "linear":
+    # The LM head (tied or not, it is a matmul per token).
+    weights += transformer.d_model * transformer.vocab_size
+    if spec.patch.kind == "linear":
         weights += counts["patch"]
-    return 6.0 * weights + 12.0 * m.depth * m.d_model * seq_len
+    return 6.0 * weights + 12.0 * transformer.depth * transformer.d_model * seq_len

@@ -8,43 +8,54 @@ timestep t. Training passes the noisy image; inference passes a given or finishe
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from transfusion_jax.attention import training_mask
 from transfusion_jax.batch import Batch, image_slots
-from transfusion_jax.config import resolve_model
-from transfusion_jax.layers import apply_flat, dense, sharded, to_dtype
+from transfusion_jax.layers import apply_flat, dense, sharded
+from transfusion_jax.model_config import ModelSpec, as_model_spec
 from transfusion_jax.patching import LinearPatching
 from transfusion_jax.transformer import Transformer
 from transfusion_jax.unet import UNetPatching
 
 
-def make_patching(cfg, rngs: nnx.Rngs):
+def make_patching(spec: ModelSpec, rngs: nnx.Rngs):
     kinds = {"linear": LinearPatching, "unet": UNetPatching}
-    return kinds[cfg.patch.kind](cfg, rngs)
+    return kinds[spec.patch.kind](spec, rngs)
 
 
 class Transfusion(nnx.Module):
-    def __init__(self, cfg, rngs: nnx.Rngs):
-        cfg = resolve_model(cfg)
-        m, im = cfg.model, cfg.image
-        self.max_images = im.max_images
-        self.depth, self.compute_dtype, self.attention = m.depth, m.dtype, m.attention
-        self.num_patches = (im.latent_size // im.patch_size) ** 2
-        dt = dict(dtype=to_dtype(m.dtype), param_dtype=to_dtype(m.param_dtype))
+    def __init__(self, spec: ModelSpec | ml_collections.ConfigDict, rngs: nnx.Rngs):
+        """`spec`: the model's `ModelSpec`; a ConfigDict is accepted at this boundary and
+        converted once with `ModelSpec.from_config` (resolved and checked). The spec stays on the
+        module as `self.spec` (static data of the graph definition, not of the state)."""
+        self.spec = spec = as_model_spec(spec)
+        transformer_spec = spec.transformer
+        self.max_images = spec.image.max_images
+        self.depth, self.compute_dtype = transformer_spec.depth, transformer_spec.dtype
+        self.attention = transformer_spec.attention
+        self.num_patches = spec.num_patches
+        dtypes = transformer_spec.layer_dtypes
         self.embed = nnx.Embed(
-            m.vocab_size,
-            m.d_model,
+            transformer_spec.vocab_size,
+            transformer_spec.d_model,
             rngs=rngs,
-            **dt,
+            **dtypes,
             embedding_init=sharded(nnx.initializers.normal(1.0), "vocab", "embed"),
         )
-        self.patching = make_patching(cfg, rngs)
-        self.transformer = Transformer(cfg, rngs)
+        self.patching = make_patching(spec, rngs)
+        self.transformer = Transformer(transformer_spec, rngs)
         self.lm_head = (
             None
-            if m.tie_embeddings
-            else dense(rngs, m.d_model, m.vocab_size, ("embed", "vocab"), **dt)
+            if transformer_spec.tie_embeddings
+            else dense(
+                rngs,
+                transformer_spec.d_model,
+                transformer_spec.vocab_size,
+                ("embed", "vocab"),
+                **dtypes,
+            )
         )
 
     def __call__(self, batch: Batch, noisy_latents: jax.Array, t: jax.Array):
@@ -84,9 +95,10 @@ class Transfusion(nnx.Module):
         return apply_flat(head, h).astype(jnp.float32)
 
 
-def parameter_counts(cfg) -> dict[str, int]:
+def parameter_counts(spec: ModelSpec | ml_collections.ConfigDict) -> dict[str, int]:
     """Parameters by part (transformer / embeddings / patch layers / total), with no allocation."""
-    abstract = nnx.eval_shape(lambda: Transfusion(cfg, nnx.Rngs(0)))
+    spec = as_model_spec(spec)
+    abstract = nnx.eval_shape(lambda: Transfusion(spec, nnx.Rngs(0)))
 
     def count(module):
         return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from transfusion_jax.layers import apply_flat, dense, to_dtype
+from transfusion_jax.layers import apply_flat, dense
+from transfusion_jax.model_config import ModelSpec
 
 
 def patchify(x: jax.Array, k: int) -> jax.Array:
@@ -57,21 +58,21 @@ class LinearPatching(nnx.Module):
     """The paper's linear variant: the timestep embedding is added to every patch vector before one
     linear layer to width d (the only way t reaches the model); a linear head maps back to k*k*c."""
 
-    def __init__(self, cfg, rngs: nnx.Rngs):
-        m, im = cfg.model, cfg.image
-        self.k, self.size, self.channels = im.patch_size, im.latent_size, im.latent_channels
-        patch_dim = self.k * self.k * self.channels
-        dt = dict(dtype=to_dtype(m.dtype), param_dtype=to_dtype(m.param_dtype))
-        self.time = TimestepEmbedding(cfg.patch.time_embed_dim, patch_dim, **dt, rngs=rngs)
-        self.proj_in = dense(rngs, patch_dim, m.d_model, ("patch", "embed"), use_bias=True, **dt)
-        self.proj_out = dense(rngs, m.d_model, patch_dim, ("embed", "patch"), use_bias=True, **dt)
+    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+        image, width, dtypes = spec.image, spec.transformer.d_model, spec.transformer.layer_dtypes
+        self.patch_size = image.patch_size
+        self.size, self.channels = image.latent_size, image.latent_channels
+        patch_dim = image.patch_dim
+        self.time = TimestepEmbedding(spec.patch.time_embed_dim, patch_dim, **dtypes, rngs=rngs)
+        self.proj_in = dense(rngs, patch_dim, width, ("patch", "embed"), use_bias=True, **dtypes)
+        self.proj_out = dense(rngs, width, patch_dim, ("embed", "patch"), use_bias=True, **dtypes)
 
     def encode(self, x_t: jax.Array, t: jax.Array):
-        patches = patchify(x_t, self.k)  # [B, M, N, p]
+        patches = patchify(x_t, self.patch_size)  # [B, M, N, p]
         patches = patches + self.time(t)[:, :, None, :]
         return apply_flat(self.proj_in, patches), None
 
     def decode(self, hidden: jax.Array, context) -> jax.Array:
         del context
         out = apply_flat(self.proj_out, hidden).astype(jnp.float32)
-        return unpatchify(out, self.k, self.size, self.size, self.channels)
+        return unpatchify(out, self.patch_size, self.size, self.size, self.channels)

@@ -11,7 +11,8 @@ import jax
 from flax import nnx
 
 from transfusion_jax import attention, sharding
-from transfusion_jax.layers import apply_rope, dense, dense_general, rms_norm, to_dtype
+from transfusion_jax.layers import apply_rope, dense, dense_general, rms_norm
+from transfusion_jax.model_config import TransformerSpec
 
 # Which intermediate values the backward pass may keep instead of recomputing.
 REMAT_POLICIES = {
@@ -23,23 +24,22 @@ REMAT_POLICIES = {
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg, rngs: nnx.Rngs):
-        m = cfg.model
-        self.num_heads, self.num_kv_heads, self.head_dim = m.num_heads, m.num_kv_heads, m.head_dim
-        self.rope_theta, self.implementation = m.rope_theta, m.attention
-        dt = dict(dtype=to_dtype(m.dtype), param_dtype=to_dtype(m.param_dtype))
-        d, hd = m.d_model, m.head_dim
-        out_scale = 1.0 / (2 * m.depth)  # Residual outputs shrink with depth (GPT-2 style).
-        heads, kv_heads = (m.num_heads, hd), (m.num_kv_heads, hd)
-        self.q = dense_general(rngs, (d,), heads, ("embed", "heads", "head_dim"), **dt)
-        self.k = dense_general(rngs, (d,), kv_heads, ("embed", "kv_heads", "head_dim"), **dt)
-        self.v = dense_general(rngs, (d,), kv_heads, ("embed", "kv_heads", "head_dim"), **dt)
+    def __init__(self, spec: TransformerSpec, rngs: nnx.Rngs):
+        self.num_heads, self.num_kv_heads = spec.num_heads, spec.num_kv_heads
+        self.head_dim = spec.head_dim
+        self.rope_theta, self.implementation = spec.rope_theta, spec.attention
+        dtypes = spec.layer_dtypes
+        heads, kv_heads = (spec.num_heads, spec.head_dim), (spec.num_kv_heads, spec.head_dim)
+        width = (spec.d_model,)
+        self.q = dense_general(rngs, width, heads, ("embed", "heads", "head_dim"), **dtypes)
+        self.k = dense_general(rngs, width, kv_heads, ("embed", "kv_heads", "head_dim"), **dtypes)
+        self.v = dense_general(rngs, width, kv_heads, ("embed", "kv_heads", "head_dim"), **dtypes)
         names = ("heads", "head_dim", "embed")
-        self.o = dense_general(rngs, heads, (d,), names, scale=out_scale, **dt)
-        if m.qk_norm:
-            norm = dict(eps=m.norm_eps, **dt)
-            self.q_norm = rms_norm(rngs, hd, "head_dim", **norm)
-            self.k_norm = rms_norm(rngs, hd, "head_dim", **norm)
+        self.o = dense_general(rngs, heads, width, names, scale=spec.residual_out_scale, **dtypes)
+        if spec.qk_norm:
+            norm = dict(eps=spec.norm_eps, **dtypes)
+            self.q_norm = rms_norm(rngs, spec.head_dim, "head_dim", **norm)
+            self.k_norm = rms_norm(rngs, spec.head_dim, "head_dim", **norm)
         else:
             self.q_norm = self.k_norm = None
 
@@ -81,13 +81,17 @@ def _write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
 
 
 class SwiGLU(nnx.Module):
-    def __init__(self, cfg, rngs: nnx.Rngs):
-        m = cfg.model
-        dt = dict(dtype=to_dtype(m.dtype), param_dtype=to_dtype(m.param_dtype))
-        self.gate = dense(rngs, m.d_model, m.ffn_dim, ("embed", "mlp"), **dt)
-        self.up = dense(rngs, m.d_model, m.ffn_dim, ("embed", "mlp"), **dt)
+    def __init__(self, spec: TransformerSpec, rngs: nnx.Rngs):
+        dtypes = spec.layer_dtypes
+        self.gate = dense(rngs, spec.d_model, spec.ffn_dim, ("embed", "mlp"), **dtypes)
+        self.up = dense(rngs, spec.d_model, spec.ffn_dim, ("embed", "mlp"), **dtypes)
         self.down = dense(
-            rngs, m.ffn_dim, m.d_model, ("mlp", "embed"), scale=1.0 / (2 * m.depth), **dt
+            rngs,
+            spec.ffn_dim,
+            spec.d_model,
+            ("mlp", "embed"),
+            scale=spec.residual_out_scale,
+            **dtypes,
         )
 
     def __call__(self, x):
@@ -95,13 +99,12 @@ class SwiGLU(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg, rngs: nnx.Rngs):
-        m = cfg.model
-        norm = dict(eps=m.norm_eps, dtype=to_dtype(m.dtype), param_dtype=to_dtype(m.param_dtype))
-        self.attn_norm = rms_norm(rngs, m.d_model, "embed", **norm)
-        self.attn = Attention(cfg, rngs)
-        self.mlp_norm = rms_norm(rngs, m.d_model, "embed", **norm)
-        self.mlp = SwiGLU(cfg, rngs)
+    def __init__(self, spec: TransformerSpec, rngs: nnx.Rngs):
+        norm = dict(eps=spec.norm_eps, **spec.layer_dtypes)
+        self.attn_norm = rms_norm(rngs, spec.d_model, "embed", **norm)
+        self.attn = Attention(spec, rngs)
+        self.mlp_norm = rms_norm(rngs, spec.d_model, "embed", **norm)
+        self.mlp = SwiGLU(spec, rngs)
 
     def __call__(self, x, positions, mask, kv=None, write_at=None):
         h, kv = self.attn(self.attn_norm(x), positions, mask, kv, write_at)
@@ -118,28 +121,22 @@ class Transformer(nnx.Module):
     gradient contracts one axis (XLA:CPU runs the two-axis contraction at about half speed).
     """
 
-    def __init__(self, cfg, rngs: nnx.Rngs):
-        m = cfg.model
-        if m.remat_policy not in REMAT_POLICIES:
+    def __init__(self, spec: TransformerSpec, rngs: nnx.Rngs):
+        if spec.remat_policy not in REMAT_POLICIES:
             raise ValueError(
-                f"config field model.remat_policy: {m.remat_policy!r} is not one of "
+                f"config field model.remat_policy: {spec.remat_policy!r} is not one of "
                 f"{tuple(REMAT_POLICIES)}"
             )
-        self.remat_policy = m.remat_policy
+        self.remat_policy = spec.remat_policy
 
-        @nnx.split_rngs(splits=m.depth)
+        @nnx.split_rngs(splits=spec.depth)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs):
-            return Block(cfg, rngs)
+            return Block(spec, rngs)
 
         self.blocks = make_blocks(rngs)
         self.final_norm = rms_norm(
-            rngs,
-            m.d_model,
-            "embed",
-            eps=m.norm_eps,
-            dtype=to_dtype(m.dtype),
-            param_dtype=to_dtype(m.param_dtype),
+            rngs, spec.d_model, "embed", eps=spec.norm_eps, **spec.layer_dtypes
         )
 
     def __call__(self, x, positions, mask, cache=None, write_at=None):

@@ -8,14 +8,13 @@ N = (h/k) * (w/k) tokens of width d. The up path mirrors it and takes one skip c
 down block, across the transformer.
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from transfusion_jax import attention
-from transfusion_jax.layers import dense, fan_in_init, sharded, to_dtype
+from transfusion_jax.layers import dense, fan_in_init, sharded
+from transfusion_jax.model_config import ModelSpec
 from transfusion_jax.patching import TimestepEmbedding
 
 
@@ -79,50 +78,50 @@ class SpatialSelfAttention(nnx.Module):
 
 
 class UNetPatching(nnx.Module):
-    def __init__(self, cfg, rngs: nnx.Rngs):
-        m, im, p = cfg.model, cfg.image, cfg.patch
-        self.size, self.channels = im.latent_size, im.latent_channels
-        dt = dict(dtype=to_dtype(m.dtype), param_dtype=to_dtype(m.param_dtype))
-        levels = int(math.log2(im.patch_size)) + 1
-        widths = tuple(p.unet_channels[:levels])
+    def __init__(self, spec: ModelSpec, rngs: nnx.Rngs):
+        image, patch, width_out = spec.image, spec.patch, spec.transformer.d_model
+        self.size, self.channels = image.latent_size, image.latent_channels
+        dt = spec.transformer.layer_dtypes
+        levels, widths = spec.unet_levels, spec.unet_widths
         temb_dim = 4 * widths[0]
-        self.time = TimestepEmbedding(p.time_embed_dim, temb_dim, **dt, rngs=rngs)
+        self.time = TimestepEmbedding(patch.time_embed_dim, temb_dim, **dt, rngs=rngs)
 
         def attn(c, level):
-            resolution = im.latent_size // 2**level
-            wanted = resolution <= p.unet_attention_resolution
-            return SpatialSelfAttention(c, p.unet_head_dim, dt=dt, rngs=rngs) if wanted else None
+            resolution = image.latent_size // 2**level
+            if resolution > patch.unet_attention_resolution:
+                return None
+            return SpatialSelfAttention(c, patch.unet_head_dim, dt=dt, rngs=rngs)
 
         # Down path: conv_in, then per level `unet_blocks` (ResBlock, attention), then downsample.
-        self.conv_in = _conv(rngs, im.latent_channels, widths[0], 3, dt=dt)
+        self.conv_in = _conv(rngs, image.latent_channels, widths[0], 3, dt=dt)
         self.down, self.down_attn, self.downsample = nnx.List(), nnx.List(), nnx.List()
         c = widths[0]
         skip_widths = []
         for level, width in enumerate(widths):
-            for _ in range(p.unet_blocks):
+            for _ in range(patch.unet_blocks):
                 self.down.append(ResBlock(c, width, temb_dim, dt=dt, rngs=rngs))
                 self.down_attn.append(attn(width, level))
                 c = width
                 skip_widths.append(c)
             if level < levels - 1:
                 self.downsample.append(_conv(rngs, c, c, 3, strides=2, dt=dt))
-        self.to_tokens = dense(rngs, c, m.d_model, ("conv_in", "embed"), use_bias=True, **dt)
+        self.to_tokens = dense(rngs, c, width_out, ("conv_in", "embed"), use_bias=True, **dt)
 
         # Up path: from tokens, per level (deepest first) `unet_blocks` ResBlocks on
         # concat(h, skip), then upsample; finally back to the latent channels.
-        self.from_tokens = dense(rngs, m.d_model, c, ("embed", "conv_out"), use_bias=True, **dt)
+        self.from_tokens = dense(rngs, width_out, c, ("embed", "conv_out"), use_bias=True, **dt)
         self.up, self.up_attn, self.upsample = nnx.List(), nnx.List(), nnx.List()
         for level in reversed(range(levels)):
             width = widths[level]
-            for _ in range(p.unet_blocks):
+            for _ in range(patch.unet_blocks):
                 self.up.append(ResBlock(c + skip_widths.pop(), width, temb_dim, dt=dt, rngs=rngs))
                 self.up_attn.append(attn(width, level))
                 c = width
             if level > 0:
                 self.upsample.append(_conv(rngs, c, c, 3, dt=dt))
         self.norm_out = _layer_norm(rngs, c, dt)
-        self.conv_out = _conv(rngs, c, im.latent_channels, 3, dt=dt)
-        self.blocks_per_level = p.unet_blocks
+        self.conv_out = _conv(rngs, c, image.latent_channels, 3, dt=dt)
+        self.blocks_per_level = patch.unet_blocks
 
     def encode(self, x_t: jax.Array, t: jax.Array):
         b, m, h, w, c = x_t.shape
