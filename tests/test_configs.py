@@ -45,6 +45,48 @@ def test_bad_values_name_the_field():
         load_config("configs/nope.py")
 
 
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        (dict(data__caption_first_prob=1.5), "data.caption_first_prob"),
+        (dict(diffusion__cond_drop_rate=-0.1), "diffusion.cond_drop_rate"),
+        (dict(data__text_ratio=-1.0), "data.text_ratio"),
+        (dict(data__max_caption_tokens=0), "data.max_caption_tokens"),
+        (dict(data__seq_len=64), "data.seq_len"),  # 64 patches + markers + a caption > 64
+        (dict(train__log_every=0), "train.log_every"),
+        (dict(train__checkpoint_every=0), "train.checkpoint_every"),
+        (dict(optimizer__min_lr=1.0), "optimizer.min_lr"),
+        (dict(optimizer__b2=1.0), "optimizer.b2"),
+        (dict(patch__kind="unet"), "patch.unet_head_dim"),  # 45 channels in 2 heads of 20
+    ],
+)
+def test_configs_that_cannot_work_fail_at_start(override, field):
+    cfg = tiny_config(**override)
+    if field == "data.seq_len":
+        cfg.image.update(latent_size=16, patch_size=2)  # 64 patches
+    if field == "patch.unet_head_dim":
+        cfg.image.update(latent_size=8, patch_size=2)
+        cfg.patch.update(unet_channels=(45, 60), unet_head_dim=20, unet_attention_resolution=8)
+    with pytest.raises(ValueError, match=f"^config field {field}: "):
+        resolve_model(cfg)
+
+
+def test_the_train_command_refuses_a_config_that_cannot_work_in_one_line(tmp_path):
+    """Exit status 2, one `error:` line naming the field, and no work directory left behind."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "transfusion_jax.train", "--config", "tiny"]
+    cmd += ["--workdir", str(tmp_path / "run"), "--config.data.caption_first_prob=1.5"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: config field data.caption_first_prob: 1.5 must be in")
+    assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
+
+
 def test_pixel_space_latents_follow_the_image_size(tmp_path):
     import jax
 

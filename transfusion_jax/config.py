@@ -230,28 +230,92 @@ def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "diffusion.noise_limit",
         f"{d.noise_limit} must be in (0, num_timesteps={d.num_timesteps}]",
     )
-    if "data" in cfg and "held_out_percent" in cfg.data:
-        share = cfg.data.held_out_percent
-        _check(0.0 <= share < 100.0, "data.held_out_percent", f"{share} must be in [0, 100)")
+    _check(
+        0.0 <= d.cond_drop_rate < 1.0,
+        "diffusion.cond_drop_rate",
+        f"{d.cond_drop_rate} must be in [0, 1) (a share of captions dropped)",
+    )
+    if p.kind == "unet":
+        for level, width in enumerate(p.unet_channels[:levels]):
+            heads = max(1, width // p.unet_head_dim)
+            _check(
+                im.latent_size // 2**level > p.unet_attention_resolution or width % heads == 0,
+                "patch.unet_head_dim",
+                f"{p.unet_head_dim} splits the U-Net's width {width} into {heads} heads unevenly; "
+                f"choose a head size whose multiple is {width}",
+            )
+    if "data" in cfg:
+        _check_data(cfg.data, (im.latent_size // k) ** 2)
     if "train" in cfg:
-        t = cfg.train
-        _check(
-            t.nan_policy in ("stop", "skip"),
-            "train.nan_policy",
-            f"{t.nan_policy!r} is not 'stop' or 'skip'",
-        )
-        _check(
-            t.batch_size % t.grad_accum_steps == 0,
-            "train.batch_size",
-            f"{t.batch_size} is not divisible by train.grad_accum_steps={t.grad_accum_steps}",
-        )
-        _check(
-            t.max_nonfinite_streak >= 1,
-            "train.max_nonfinite_streak",
-            f"{t.max_nonfinite_streak} must be at least 1",
-        )
-        _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"{t.ema_decay} must be in [0, 1)")
+        _check_training(cfg)
     return cfg
+
+
+def _check_data(data, num_patches: int) -> None:
+    """The data section: shares in range, and a row long enough for the longest image document."""
+    if "held_out_percent" in data:
+        share = data.held_out_percent
+        _check(0.0 <= share < 100.0, "data.held_out_percent", f"{share} must be in [0, 100)")
+    _check(
+        0.0 <= data.caption_first_prob <= 1.0,
+        "data.caption_first_prob",
+        f"{data.caption_first_prob} must be in [0, 1] (the share of text -> image documents)",
+    )
+    _check(data.text_ratio >= 0.0, "data.text_ratio", f"{data.text_ratio} must be at least 0")
+    _check(
+        data.max_caption_tokens >= 1,
+        "data.max_caption_tokens",
+        f"{data.max_caption_tokens} leaves no caption; give at least 1",
+    )
+    _check(data.pack_window >= 1, "data.pack_window", f"{data.pack_window} must be at least 1")
+    if data.source != "text":  # BOS caption BOI image EOI EOS: at least one caption token
+        shortest = num_patches + 5
+        _check(
+            data.seq_len >= shortest,
+            "data.seq_len",
+            f"{data.seq_len} cannot hold one image document ({num_patches} patches, 4 markers and "
+            f"a caption: at least {shortest} positions); raise it, or lower the patches per "
+            f"image (image.patch_size up, or data.image_size down)",
+        )
+
+
+def _check_training(cfg) -> None:
+    """The train and optimizer sections: counts and rates a run can use."""
+    train = cfg.train
+    _check(
+        train.nan_policy in ("stop", "skip"),
+        "train.nan_policy",
+        f"{train.nan_policy!r} is not 'stop' or 'skip'",
+    )
+    for key in ("num_steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every"):
+        _check(train[key] >= 1, f"train.{key}", f"{train[key]} must be at least 1")
+    _check(train.keep_checkpoints >= 1, "train.keep_checkpoints", "keep at least 1 checkpoint")
+    _check(train.eval_every >= 0, "train.eval_every", f"{train.eval_every} must be at least 0")
+    _check(
+        train.batch_size % train.grad_accum_steps == 0,
+        "train.batch_size",
+        f"{train.batch_size} is not divisible by train.grad_accum_steps={train.grad_accum_steps}",
+    )
+    _check(
+        train.max_nonfinite_streak >= 1,
+        "train.max_nonfinite_streak",
+        f"{train.max_nonfinite_streak} must be at least 1",
+    )
+    _check(0.0 <= train.ema_decay < 1.0, "train.ema_decay", f"{train.ema_decay} must be in [0, 1)")
+    if "optimizer" not in cfg:
+        return
+    opt = cfg.optimizer
+    _check(opt.peak_lr > 0, "optimizer.peak_lr", f"{opt.peak_lr} must be above 0")
+    _check(
+        0 <= opt.min_lr <= opt.peak_lr,
+        "optimizer.min_lr",
+        f"{opt.min_lr} must be in [0, optimizer.peak_lr={opt.peak_lr}]",
+    )
+    _check(opt.warmup_steps >= 0, "optimizer.warmup_steps", f"{opt.warmup_steps} is negative")
+    for key in ("b1", "b2"):
+        _check(0.0 <= opt[key] < 1.0, f"optimizer.{key}", f"{opt[key]} must be in [0, 1)")
+    for key in ("weight_decay", "clip_norm"):
+        _check(opt[key] >= 0, f"optimizer.{key}", f"{opt[key]} must be at least 0")
 
 
 def _follow_the_vae(cfg) -> None:

@@ -47,11 +47,15 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if len(devices) % known:
-            raise ValueError(f"mesh {shape}: {len(devices)} devices are not divisible by {known}")
+            raise ValueError(
+                f"config fields mesh.data/fsdp/tensor: {shape} leaves -1 no whole share of "
+                f"{len(devices)} devices ({known} does not divide {len(devices)}); pick sizes that do"
+            )
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
         raise ValueError(
-            f"mesh data={shape[0]} fsdp={shape[1]} tensor={shape[2]} needs "
+            f"config fields mesh.data/fsdp/tensor: data={shape[0]} fsdp={shape[1]} "
+            f"tensor={shape[2]} needs "
             f"{math.prod(shape)} devices, found {len(devices)}; set one axis to -1"
         )
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)

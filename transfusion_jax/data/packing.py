@@ -47,8 +47,9 @@ def first_fit(documents, seq_len: int, max_images: int, num_patches: int) -> lis
             length, images = document_length(piece, num_patches), num_images(piece)
             if length > seq_len or images > max_images:
                 raise ValueError(
-                    f"a document of {length} positions and {images} images cannot fit a row of "
-                    f"data.seq_len={seq_len} and image.max_images={max_images}"
+                    f"config field data.seq_len: a document of {length} positions and {images} "
+                    f"images cannot fit a row of {seq_len} positions and image.max_images="
+                    f"{max_images}; raise data.seq_len or lower data.max_caption_tokens"
                 )
             for row in rows:
                 if row.length + length <= seq_len and row.images + images <= max_images:
