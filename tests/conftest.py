@@ -31,7 +31,10 @@ SLOW_MODULES = {
 SLOW_TESTS = {
     "test_pixel_space_latents_follow_the_image_size",
     "test_text_cached_and_tfds_sources_train_through_the_trainer",
+    "test_trains_on_the_prepared_fixture",  # test_tfds_fixture
+    "test_cli_refuses_an_unprepared_dataset_in_one_line",
     "test_corrupt_folder_trains_on",
+    "test_train_resume_load_sample_evaluate_export_and_plot_in_a_bucket",
     "test_worker_processes_give_the_same_batches",
     "test_scanned_layers_equal_a_python_loop",
     "test_loss_is_zero_for_a_perfect_predictor",

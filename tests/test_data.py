@@ -245,7 +245,7 @@ class FakeTfdsSource:
 
 
 def test_tfds_source_reads_nested_caption_lists(monkeypatch):
-    import tensorflow_datasets as tfds
+    from transfusion_jax.data import sources
 
     calls = []
 
@@ -253,7 +253,7 @@ def test_tfds_source_reads_nested_caption_lists(monkeypatch):
         calls.append((name, split, data_dir))
         return FakeTfdsSource(6)
 
-    monkeypatch.setattr(tfds, "data_source", data_source)
+    monkeypatch.setattr(sources, "open_tfds", data_source)
     cfg = folder_config("unused", source="tfds", tfds_name="coco_captions", tfds_split="val")
     source = make_source(cfg, 2)
     assert calls == [("coco_captions", "val", None)]
@@ -325,11 +325,10 @@ def test_text_mixing_keeps_the_token_ratio(tmp_path):
 
 
 def test_text_cached_and_tfds_sources_train_through_the_trainer(tmp_path, monkeypatch):
-    import tensorflow_datasets as tfds
-
+    from transfusion_jax.data import sources
     from transfusion_jax.data.cache import write_cache
 
-    monkeypatch.setattr(tfds, "data_source", lambda name, split, data_dir: FakeTfdsSource(6))
+    monkeypatch.setattr(sources, "open_tfds", lambda name, split, data_dir: FakeTfdsSource(6))
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": f"line {i} " * 5}) for i in range(30)))

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import pathlib
 import re
 
 import jax
@@ -24,6 +23,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from transfusion_jax.paths import absolute, as_path
 from transfusion_jax.train_step import TrainState
 from transfusion_jax.workdir import RunError, fill_legacy
 
@@ -71,7 +71,7 @@ class Checkpointer:
             create=not read_only,
             read_only=read_only,
         )
-        self.directory = pathlib.Path(directory).absolute()  # Orbax refuses relative paths
+        self.directory = absolute(directory)  # Orbax refuses relative paths; gs:// kept as is
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data", "config", "info")
         )
@@ -177,9 +177,10 @@ class Checkpointer:
         config_file = self.directory.parent / "config.json"
         return json.loads(config_file.read_text()) if config_file.is_file() else None
 
-    def set_aside(self, step: int, where: pathlib.Path) -> pathlib.Path:
+    def set_aside(self, step: int, where):
         """Moves a damaged step out of Orbax's directory (kept for inspection, never deleted:
         a step set aside twice gets a numbered name), so the run can save that step again."""
+        where = as_path(where)
         where.mkdir(parents=True, exist_ok=True)
         target, n = where / str(step), 1
         while target.exists():
@@ -312,7 +313,7 @@ def restore_trained(workdir, make_program, step: int | None = None, defaults=Non
     gives keys added to the project since the run was saved their default values.
     `restore(checkpoints, step, program)` reads what is wanted of a step (default: the whole
     state, `Checkpointer.restore`); it is called after `make_program`, which may refuse first."""
-    workdir = pathlib.Path(workdir)
+    workdir = as_path(workdir)
     checkpoints = Checkpointer(workdir / "checkpoints", keep=None, read_only=True)
     try:
         steps = sorted(checkpoints.manager.all_steps(), reverse=True)

@@ -16,15 +16,16 @@ the flags override them.
 import argparse
 import dataclasses
 import json
-import pathlib
 import sys
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from transfusion_jax.data.images import to_uint8
 from transfusion_jax.evaluation.evaluator import Evaluator, eval_settings
 from transfusion_jax.inference import image_grid, load_trained
+from transfusion_jax.paths import as_path, save_image, write_atomically
 from transfusion_jax.workdir import RunError
 
 # flag -> eval config key
@@ -41,17 +42,16 @@ OVERRIDES = {
 }
 
 
-def result_path(workdir, step: int, ema: bool) -> pathlib.Path:
+def result_path(workdir, step: int, ema: bool) -> epath.Path:
     """DIR/eval/STEP.json; for an exported FILE.safetensors, FILE_eval/STEP.json beside it."""
-    workdir = pathlib.Path(workdir)
+    workdir = as_path(workdir)
     folder = workdir / "eval" if workdir.is_dir() else workdir.with_name(workdir.stem + "_eval")
     return folder / f"{step}{'-ema' if ema else ''}.json"
 
 
-def write_results(
-    path: pathlib.Path, step: int, ema: bool, metrics: dict, settings, seconds: dict
-) -> dict:
+def write_results(path, step: int, ema: bool, metrics: dict, settings, seconds: dict) -> dict:
     """Adds `metrics` to the file's (a suite run again replaces its own values)."""
+    path = as_path(path)
     record = {"step": step, "ema": ema, "metrics": {}, "settings": {}, "seconds": {}}
     if path.is_file():
         record = json.loads(path.read_text())
@@ -61,20 +61,19 @@ def write_results(
     used = json.loads(json.dumps(settings.to_dict(), default=list))
     record["settings"] = {**record.get("settings", {}), **dict.fromkeys(seconds, used)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=list) + "\n")
-    tmp.replace(path)
+    write_atomically(path, json.dumps(record, indent=2, default=list) + "\n")
     return record
 
 
-def save_artifacts(artifacts: dict, out: pathlib.Path) -> list[pathlib.Path]:
+def save_artifacts(artifacts: dict, out) -> list[epath.Path]:
     """Grids and captions.txt of what the suites drew and wrote."""
+    out = as_path(out)
     out.mkdir(parents=True, exist_ok=True)
     written, lines = [], []
     if "shapes" in artifacts:
         a = artifacts["shapes"]
-        Image.fromarray(image_grid(a["drawn"])).save(out / "shapes_drawn.png")
-        Image.fromarray(image_grid(a["pictures"])).save(out / "shapes_captioned.png")
+        save_image(Image.fromarray(image_grid(a["drawn"])), out / "shapes_drawn.png")
+        save_image(Image.fromarray(image_grid(a["pictures"])), out / "shapes_captioned.png")
         written += [out / "shapes_drawn.png", out / "shapes_captioned.png"]
         lines += [
             f"shapes_drawn #{i}: asked {p!r}  correct: {s['correct']}"
@@ -88,7 +87,7 @@ def save_artifacts(artifacts: dict, out: pathlib.Path) -> list[pathlib.Path]:
         ]
     if "captions" in artifacts:
         a = artifacts["captions"]
-        Image.fromarray(image_grid(a["pictures"])).save(out / "captioned.png")
+        save_image(Image.fromarray(image_grid(a["pictures"])), out / "captioned.png")
         written.append(out / "captioned.png")
         lines += [
             f"captioned #{i}: wrote {c!r}  CIDEr-D {s:.3f}  references {r}"
@@ -98,7 +97,9 @@ def save_artifacts(artifacts: dict, out: pathlib.Path) -> list[pathlib.Path]:
         ]
     if "images" in artifacts:
         a = artifacts["images"]
-        Image.fromarray(image_grid([to_uint8(x) for x in a["drawn"]])).save(out / "drawn.png")
+        save_image(
+            Image.fromarray(image_grid([to_uint8(x) for x in a["drawn"]])), out / "drawn.png"
+        )
         written.append(out / "drawn.png")
         lines += [f"drawn #{i}: {p!r}" for i, p in enumerate(a["prompts"])]
     if lines:
@@ -111,7 +112,7 @@ def save_artifacts(artifacts: dict, out: pathlib.Path) -> list[pathlib.Path]:
 class Evaluation:
     step: int
     metrics: dict  # "suite/metric" -> value
-    path: pathlib.Path  # the JSON file written
+    path: epath.Path  # the JSON file written
     artifacts: dict  # suite -> what it drew or wrote (see save_artifacts)
 
 
@@ -167,7 +168,7 @@ def main(argv=None):
             parser.error(f"--{flag} {value}: must be at least 1")
     for flag in ("inception_weights", "clip_weights", "text_path", "data_path"):
         value = getattr(args, flag)
-        if value and not pathlib.Path(value).exists():
+        if value and not as_path(value).exists():
             parser.error(f"--{flag} {value}: no such file or directory")
     overrides = {flag: getattr(args, flag) for flag in OVERRIDES}
     try:

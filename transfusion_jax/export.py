@@ -10,16 +10,16 @@ JSON ("config"), the step and which weights ("params" or "ema"). `load_exported(
 
 import argparse
 import json
-import pathlib
 import sys
 
 import jax
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save, save_file
 
 from transfusion_jax.config import base_config
+from transfusion_jax.paths import as_path, is_local, local_copy
 from transfusion_jax.sharding import make_mesh
 from transfusion_jax.train_step import TrainProgram
 
@@ -43,15 +43,18 @@ def export(model, cfg, step: int, out, weights: str = "params") -> dict:
         "step": str(step),
         "weights": weights,
     }
-    save_file(tensors, str(out), metadata=metadata)
+    if is_local(out):
+        save_file(tensors, str(out), metadata=metadata)
+    else:  # an object (gs://) is written whole, from the file's bytes in memory
+        as_path(out).write_bytes(save(tensors, metadata=metadata))
     return metadata
 
 
 def load_exported(path, mesh=None):
     """(model, config, step) from an exported file, placed on `mesh` (default: one device).
     Every tensor must be there with its shape; a missing or misshapen one is named."""
-    path = pathlib.Path(path)
-    with safe_open(str(path), framework="numpy") as f:
+    path = as_path(path)
+    with local_copy(path) as local, safe_open(str(local), framework="numpy") as f:
         metadata = f.metadata() or {}
         if metadata.get("format") != FORMAT or "config" not in metadata:
             raise ValueError(f"{path}: not a transfusion_jax export (no config in its metadata)")
@@ -92,7 +95,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
     export(model, cfg, step, args.out, "ema" if args.ema else "params")
-    size = pathlib.Path(args.out).stat().st_size / 2**20
+    size = as_path(args.out).stat().length / 2**20
     print(f"wrote {args.out} ({size:.1f} MiB, step {step})", file=sys.stderr)
 
 

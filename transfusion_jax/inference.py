@@ -21,7 +21,7 @@ import contextlib
 import json
 import logging
 import math
-import pathlib
+import os
 
 import jax
 import numpy as np
@@ -37,6 +37,7 @@ from transfusion_jax.data.tokenizer import make_tokenizer
 from transfusion_jax.diffusion import Diffusion
 from transfusion_jax.export import load_exported
 from transfusion_jax.generate import Generator, SamplingOptions
+from transfusion_jax.paths import as_path, local_copy
 from transfusion_jax.sharding import make_mesh
 from transfusion_jax.train_step import TrainProgram
 
@@ -210,7 +211,7 @@ class Pipeline:
         return [self.tokenizer.special.bos, *self.tokenizer.encode(text)[:limit]]
 
     def _images(self, images) -> np.ndarray:
-        if isinstance(images, str | pathlib.Path | PILImage.Image):
+        if isinstance(images, str | os.PathLike | PILImage.Image):
             images = [images]
         elif hasattr(images, "shape"):  # numpy or jax arrays: a batch [N, h, w, 3] or one image
             images = list(np.asarray(images)) if np.ndim(images) == 4 else [np.asarray(images)]
@@ -254,7 +255,7 @@ class Pipeline:
 
 def _as_model_image(image, size: int) -> np.ndarray:
     """float32 [size, size, 3] in [-1, 1] from a path, PIL image or array."""
-    if isinstance(image, str | pathlib.Path | PILImage.Image):
+    if isinstance(image, str | os.PathLike | PILImage.Image):
         return load_image(image, size)
     array = np.asarray(image)
     if array.dtype.kind in "iub":  # integer pixels: 0-255
@@ -304,14 +305,14 @@ def load_trained(workdir, use_ema: bool = False, step: int | None = None, mesh=N
     those weights are read (an Orbax partial restore, each array straight into its shards on
     `mesh`): not the optimizer state, not the other set of weights.
     """
-    workdir = pathlib.Path(workdir)
+    workdir = as_path(workdir)
     if isinstance(mesh, str) and mesh != "auto":
         raise ValueError(f"mesh {mesh!r}: a jax.sharding.Mesh, None (one device) or 'auto'")
     if workdir.suffix == ".safetensors" and workdir.is_file():  # an export (export.py)
         if use_ema or step is not None:
             raise ValueError(f"{workdir}: an export holds one set of weights (no ema, no step)")
         if isinstance(mesh, str):
-            with safe_open(str(workdir), framework="numpy") as f:
+            with local_copy(workdir) as local, safe_open(str(local), framework="numpy") as f:
                 stored = json.loads((f.metadata() or {}).get("config", "{}"))
             mesh = _auto_mesh(stored)
         return load_exported(workdir, mesh)

@@ -16,15 +16,16 @@ are skipped, so a live run can be plotted.
 """
 
 import argparse
+import io
 import json
 import math
-import pathlib
 import sys
 
 import numpy as np
 
 from transfusion_jax.evaluation import COUNT_METRICS as COUNTS
 from transfusion_jax.evaluation import HEADLINE_METRICS as HEADLINES
+from transfusion_jax.paths import as_path
 
 TRAIN_KEYS = ("loss", "lm_loss", "lm_loss_after_image", "diffusion_loss", "learning_rate")
 EVAL_PREFIX = "eval/"
@@ -54,9 +55,9 @@ def _numeric(record: dict) -> dict | None:
     return row if "step" in row else None
 
 
-def _read_metrics(path: pathlib.Path) -> list[dict]:
+def _read_metrics(path) -> list[dict]:
     rows = []
-    lines = path.read_text(errors="replace").splitlines()
+    lines = path.read_bytes().decode(errors="replace").splitlines()
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     for i, line in enumerate(lines):
         if not line.strip():
@@ -72,7 +73,7 @@ def _read_metrics(path: pathlib.Path) -> list[dict]:
     return rows
 
 
-def _read_eval_results(run_dir: pathlib.Path) -> list[dict]:
+def _read_eval_results(run_dir) -> list[dict]:
     """DIR/eval/*.json as rows {"step": N, "eval/suite/metric": value, ...}."""
     rows = []
     for path in sorted((run_dir / "eval").glob("*.json")):
@@ -95,7 +96,7 @@ def _read_eval_results(run_dir: pathlib.Path) -> list[dict]:
     return rows
 
 
-def _run_names(dirs: list[pathlib.Path]) -> list[str]:
+def _run_names(dirs: list) -> list[str]:
     """Directory names, or the paths as given where two runs share a name."""
     names = [d.name or d.resolve().name for d in dirs]
     return [str(d) if names.count(name) > 1 else name for d, name in zip(dirs, names, strict=True)]
@@ -104,7 +105,7 @@ def _run_names(dirs: list[pathlib.Path]) -> list[str]:
 def read_runs(dirs) -> dict[str, list[dict]]:
     """{run name: rows}: each row a step's numeric values, from DIR/metrics.jsonl and
     DIR/eval/*.json, ordered by step."""
-    dirs = [pathlib.Path(d) for d in dirs]
+    dirs = [as_path(d) for d in dirs]  # local paths or URLs (gs://)
     if not dirs:
         raise PlotError("no run directories given")
     runs = {}
@@ -214,9 +215,13 @@ def plot_runs(dirs, out, x: str = "step", metrics=None) -> list[str]:
             ax.legend(fontsize="small")
     for ax in axes[len(keys) :]:
         ax.set_visible(False)
-    out = pathlib.Path(out)
+    out = as_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=100)
+    # Drawn to memory, then written through epath (matplotlib given a URL would write a local
+    # file named after it); the format is the suffix's, as matplotlib picks from a file name.
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=out.suffix[1:].lower() or None, dpi=100)
+    out.write_bytes(buffer.getvalue())
     return keys
 
 

@@ -14,7 +14,6 @@
 """
 
 import json
-import pathlib
 
 from absl import flags
 from ml_collections import config_flags
@@ -25,6 +24,7 @@ from transfusion_jax.config import config_path
 from transfusion_jax.data import shapes
 from transfusion_jax.evaluate import evaluate as run_suites
 from transfusion_jax.inference import image_grid
+from transfusion_jax.paths import as_path, save_image
 from transfusion_jax.plot import plot_runs
 from transfusion_jax.train import train
 
@@ -38,12 +38,12 @@ def evaluate(workdir, num: int, steps: int, cfg_scale: float, seed: int = 0) -> 
     result = run_suites(workdir, ("text", "diffusion"), seed=seed)
     drawn = run_suites(workdir, SUITES, num=num, steps=steps, cfg_scale=cfg_scale, seed=seed)
     m, art = result.metrics | drawn.metrics, drawn.artifacts["shapes"]
-    out = pathlib.Path(workdir) / "samples"
+    out = as_path(workdir) / "samples"
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(art["drawn"]):
-        Image.fromarray(image).save(out / f"{i:03d}.png")
-    Image.fromarray(image_grid(art["drawn"])).save(out / "grid.png")
-    Image.fromarray(image_grid(art["pictures"])).save(out / "captioned.png")
+        save_image(Image.fromarray(image), out / f"{i:03d}.png")
+    save_image(Image.fromarray(image_grid(art["drawn"])), out / "grid.png")
+    save_image(Image.fromarray(image_grid(art["pictures"])), out / "captioned.png")
     lines = [
         f"{i:03d}.png  asked: {p}  correct: {r['correct']}"
         for i, (p, r) in enumerate(zip(art["prompts"], art["image_scores"], strict=True))
@@ -89,7 +89,7 @@ def main():
     if f.train_steps:
         cfg.train.num_steps = f.train_steps
     train(cfg, f.workdir)
-    num, workdir = f.num, pathlib.Path(f.workdir)
+    num, workdir = f.num, as_path(f.workdir)
     report = evaluate(workdir, num, f.steps, f.cfg_scale)
     plot_runs([workdir], workdir / "curves.png", metrics=["headline"])
     out, m = workdir / "samples", report["metrics"]

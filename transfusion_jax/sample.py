@@ -16,7 +16,6 @@ a model too large for one device samples on one multi-GPU host or a TPU slice.
 
 import argparse
 import math
-import pathlib
 import sys
 
 import jax
@@ -25,6 +24,7 @@ from PIL import Image
 from transfusion_jax.checkpoint import Checkpointer
 from transfusion_jax.data.tokenizer import make_tokenizer
 from transfusion_jax.inference import SAMPLERS_FOR, Pipeline, auto_mesh_shape, image_grid
+from transfusion_jax.paths import as_path, save_image
 from transfusion_jax.samplers import METHODS
 from transfusion_jax.sharding import make_mesh
 from transfusion_jax.workdir import RunError
@@ -67,7 +67,7 @@ def check_arguments(args, parser) -> None:
     image_positions = (cfg["image"]["latent_size"] // cfg["image"]["patch_size"]) ** 2 + 2
     seq_len = cfg["data"]["seq_len"]
     if args.image is not None:
-        if not pathlib.Path(args.image).is_file():
+        if not as_path(args.image).is_file():
             parser.error(f"--image {args.image}: no such file")
         needed, what = 2 + image_positions + args.max_new_tokens, "--max_new_tokens"
     elif args.prompt is not None:
@@ -105,7 +105,7 @@ def _mesh_shape(value: str, devices: int, kv_heads: int, parser) -> tuple[int, i
 def _stored_config(args, parser) -> dict:
     """The config of the checkpoint that will load (JSON only, no model): the one stored with
     it, else DIR/config.json."""
-    checkpoints = Checkpointer(pathlib.Path(args.workdir) / "checkpoints", None, read_only=True)
+    checkpoints = Checkpointer(as_path(args.workdir) / "checkpoints", None, read_only=True)
     try:
         steps = checkpoints.manager.all_steps()
         step = args.step if args.step is not None else max(steps, default=None)
@@ -166,7 +166,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, RunError) as e:
         parser.exit(2, f"error: {e}\n")
     print(f"loaded {args.workdir} at step {pipe.step}", file=sys.stderr)
-    out = pathlib.Path(args.out or pathlib.Path(args.workdir) / "samples")
+    out = as_path(args.out or as_path(args.workdir) / "samples")
     if args.image is not None:
         print(pipe.caption(args.image, max_new_tokens=args.max_new_tokens, seed=args.seed)[0])
         return
@@ -187,7 +187,7 @@ def main(argv=None):
                 print(part, end="")
             else:
                 out.mkdir(parents=True, exist_ok=True)
-                part.save(out / f"text_{i:03d}.png")
+                save_image(part, out / f"text_{i:03d}.png")
                 print(f"[image: {out / f'text_{i:03d}.png'}]", end="")
         print()
         return
@@ -202,8 +202,8 @@ def main(argv=None):
     )
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
-        image.save(out / f"{i:03d}.png")
-    Image.fromarray(image_grid(images)).save(out / "grid.png")
+        save_image(image, out / f"{i:03d}.png")
+    save_image(Image.fromarray(image_grid(images)), out / "grid.png")
     print(f"wrote {len(images)} images and {out / 'grid.png'}")
 
 

@@ -12,8 +12,8 @@ preemption) saves a checkpoint before exiting.
 
 import json
 import os
-import pathlib
 import signal
+import tempfile
 import time
 
 import jax
@@ -34,6 +34,7 @@ from transfusion_jax.evaluation.heldout import why_not
 from transfusion_jax.evaluation.suites import SUITES
 from transfusion_jax.flops import device_peak_tflops, model_flops_per_token
 from transfusion_jax.model import parameter_counts
+from transfusion_jax.paths import absolute, as_path, is_local
 from transfusion_jax.train_step import TrainProgram
 from transfusion_jax.workdir import (
     ConfigChangedError,
@@ -68,10 +69,18 @@ def launched_as_several_processes() -> bool:
 
 class MetricsWriter:
     """metrics.jsonl (always), TensorBoard event files (train.tensorboard, via tensorboardX) and
-    Weights & Biases (train.wandb_project; one W&B run per workdir, continued on resume)."""
+    Weights & Biases (train.wandb_project; one W&B run per workdir, continued on resume).
 
-    def __init__(self, workdir: pathlib.Path, tensorboard: bool, wandb_project: str = "", cfg=None):
+    A local metrics.jsonl is appended to, one line per record. An object (gs://) cannot be
+    appended to: the writer keeps the file's bytes and writes the whole object again at each
+    record (as TensorFlow's gfile does for an append there), each write complete or absent."""
+
+    def __init__(self, workdir, tensorboard: bool, wandb_project: str = "", cfg=None):
+        workdir = as_path(workdir)
         self.path = workdir / "metrics.jsonl"
+        self._written = None  # an object's content so far (None: a local file, appended to)
+        if not is_local(self.path):
+            self._written = self.path.read_bytes() if self.path.is_file() else b""
         self.tb = self.wandb = None
         if wandb_project:
             try:
@@ -88,7 +97,8 @@ class MetricsWriter:
                 project=wandb_project,
                 id=id_file.read_text().strip(),
                 resume="allow",
-                dir=str(workdir),
+                # W&B stages its files in a local directory (a temporary one for a gs:// run)
+                dir=str(workdir) if is_local(workdir) else tempfile.mkdtemp(prefix="wandb"),
                 config=None if cfg is None else cfg.to_dict(),
             )
         if tensorboard:
@@ -102,9 +112,14 @@ class MetricsWriter:
             self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
         try:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            if self._written is None:
+                with self.path.open("a") as f:
+                    f.write(line)
+            else:
+                self.path.write_bytes(self._written + line.encode())
+                self._written += line.encode()
         except OSError as e:
             raise RunError(
                 f"cannot append step {record['step']} to {self.path} ({e.strerror or e}). Fix the "
@@ -208,7 +223,7 @@ class TransfusionTask:
 
             latent_space(cfg.image.vae_path, check_files=True)  # raises naming image.vae_path
             # Absolute, so sampling from another directory finds the same VAE.
-            cfg.image.vae_path = str(pathlib.Path(cfg.image.vae_path).absolute())
+            cfg.image.vae_path = str(absolute(cfg.image.vae_path))
         return cfg
 
     def __init__(self, cfg, mesh):
@@ -290,12 +305,7 @@ def train(
     """
     cfg = task.resolve(cfg)
     t = cfg.train
-    if "://" in str(workdir):
-        raise ValueError(
-            f"--workdir {workdir}: URLs are not supported; mount the bucket (e.g. gcsfuse) and "
-            f"give its local path, shared by every process"
-        )
-    workdir = pathlib.Path(workdir)
+    workdir = as_path(workdir)  # a local path or a URL (gs://): see transfusion_jax.paths
     workdir.mkdir(parents=True, exist_ok=True)
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
     try:

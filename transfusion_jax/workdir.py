@@ -4,7 +4,8 @@
   drops it when its process ends, even by kill -9, so a crash never leaves a stale lock; the
   file names the holder (host, pid, start time) for the message that refuses a second trainer.
   flock works on local disks and on NFS v4 / Filestore; FUSE bucket mounts (gcsfuse) ignore it,
-  so on those the user keeps one trainer per directory.
+  and an object store's URL (gs://) has nothing to lock (a warning says so), so on those the
+  user keeps one trainer per directory.
 - `config_changes`: what differs between the config a run's checkpoints were trained with and
   the one it is resumed with, split into changes that leave the run the same run (steps, logging,
   mesh, memory/speed choices) and changes that would silently mix two runs (model, data,
@@ -18,11 +19,14 @@ import dataclasses
 import datetime
 import fcntl
 import json
+import logging
 import os
-import pathlib
 import socket
 
 from transfusion_jax.config import base_config
+from transfusion_jax.paths import as_path, is_local, write_atomically
+
+log = logging.getLogger(__name__)
 
 
 class RunError(RuntimeError):
@@ -41,10 +45,24 @@ class ConfigChangedError(RunError):
 
 
 class WorkdirLock:
-    """Holds DIR/lock exclusively until `release()` (or the process's end)."""
+    """Holds DIR/lock exclusively until `release()` (or the process's end). An object store
+    (gs://) has no locks, and an object written there as one would outlive a killed run: there
+    it warns, once, and locks nothing."""
 
-    def __init__(self, workdir: pathlib.Path):
-        self.path = pathlib.Path(workdir) / "lock"
+    warned = False
+
+    def __init__(self, workdir):
+        self.path = as_path(workdir) / "lock"
+        self._file = None
+        if not is_local(self.path):
+            if not WorkdirLock.warned:
+                log.warning(
+                    "--workdir %s is in an object store, which has no file locks: nothing "
+                    "prevents a second trainer on the same directory; run one at a time",
+                    workdir,
+                )
+                WorkdirLock.warned = True
+            return
         self._file = open(self.path, "a+")  # noqa: SIM115 - held open for the whole run
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -63,7 +81,7 @@ class WorkdirLock:
         self._file.flush()
 
     def release(self) -> None:
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
 
@@ -159,23 +177,25 @@ def config_as_json(cfg) -> dict:
     return json.loads(cfg.to_json_best_effort())
 
 
-def write_config(workdir: pathlib.Path, cfg, resumed_step: int | None) -> None:
+def write_config(workdir, cfg, resumed_step: int | None) -> None:
     """Writes DIR/config.json (for people and tools; each checkpoint stores its own config). A
     different config already there is kept as config.step_N.json, N = the step this run resumed
     from; an existing config.step_N.json is the one that trained up to N and is never replaced."""
+    workdir = as_path(workdir)
     path = workdir / "config.json"
     text = cfg.to_json_best_effort(indent=2) + "\n"
     if path.is_file():
         previous = path.read_bytes()
         kept = workdir / f"config.step_{resumed_step or 0}.json"
         if previous != text.encode() and not kept.exists():
-            _atomic_write(kept, previous)
-    _atomic_write(path, text)
+            write_atomically(kept, previous)
+    write_atomically(path, text)
 
 
-def trim_metrics(path: pathlib.Path, last_step: int) -> int:
+def trim_metrics(path, last_step: int) -> int:
     """Keeps the complete JSON records of metrics.jsonl with step <= last_step; returns how many
     lines were dropped (replayed steps, a torn line)."""
+    path = as_path(path)
     if not path.is_file():
         return 0
     data = path.read_bytes()
@@ -192,19 +212,8 @@ def trim_metrics(path: pathlib.Path, last_step: int) -> int:
             dropped += 1
     dropped += data.rsplit(b"\n", 1)[-1] != b""
     if dropped:
-        _atomic_write(path, b"".join(line + b"\n" for line in kept))
+        write_atomically(path, b"".join(line + b"\n" for line in kept))
     return dropped
-
-
-def _atomic_write(path: pathlib.Path, content) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash leaves the old file or the
-    new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(content, str):
-        tmp.write_text(content)
-    else:
-        tmp.write_bytes(content)
-    tmp.replace(path)
 
 
 def _matches(key: str, pattern: str) -> bool:

@@ -16,7 +16,6 @@ and the posterior sampling are applied as the data is read). A record is an `np.
 
 import json
 import logging
-import pathlib
 import time
 
 import numpy as np
@@ -30,6 +29,7 @@ from transfusion_jax.data.documents import Skipped, decode_image
 from transfusion_jax.data.images import DEFAULT_MAX_PIXELS
 from transfusion_jax.data.pipeline import training_split
 from transfusion_jax.data.sources import encode_record, open_source, split_record_path
+from transfusion_jax.paths import absolute, is_local
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ def write_cache(
 ) -> tuple[int, int]:
     """Writes every decodable record (pixels, or `vae`'s posterior of it); returns (written,
     skipped)."""
+    if not is_local(path):
+        raise ValueError(
+            f"--out {path}: ArrayRecord writes local files only; write the cache to a local disk "
+            f"and copy it, or mount the bucket (gcsfuse)"
+        )
     writer = ArrayRecordWriter(str(path), "group_size:1")
     written = skipped = 0
     pending = []  # (pixels, texts) waiting for a full encoder batch
@@ -82,7 +87,7 @@ def write_split_record(path, cfg) -> None:
     record = {k: d[k] for k in keys} | {"tfds_caption_key": d.tfds_caption_key}
     record["held_out_percent"] = d.held_out_percent
     if record["path"]:
-        record["path"] = str(pathlib.Path(record["path"]).absolute())
+        record["path"] = str(absolute(record["path"]))
     split_record_path(path).write_text(json.dumps(record, indent=2) + "\n")
 
 

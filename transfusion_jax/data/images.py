@@ -7,9 +7,12 @@ on the devices (or a latent cache supplies the posteriors).
 """
 
 import io
+import os
 
 import numpy as np
 from PIL import Image, ImageFile
+
+from transfusion_jax.paths import as_path
 
 # A truncated file must fail loudly (and be skipped by the caller), not decode half grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -42,6 +45,9 @@ def load_image(source, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nd
     684 KB PNG can hold 13000 x 13000 pixels, 8 GB once decoded)."""
     if isinstance(source, bytes):
         source = io.BytesIO(source)
+    if isinstance(source, str | os.PathLike):  # a local path or a URL (gs://), read via epath
+        with as_path(source).open("rb") as f:
+            return load_image(f, size, max_pixels)
     image = source if isinstance(source, Image.Image) else Image.open(source)
     w, h = image.size
     if w * h > max_pixels:

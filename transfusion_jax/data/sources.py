@@ -12,12 +12,14 @@ import io
 import json
 import logging
 import pathlib
+import posixpath
 import stat
 
 import numpy as np
 from grain.sources import ArrayRecordDataSource
 
 from transfusion_jax.data.shapes import ShapesDataset
+from transfusion_jax.paths import as_path, is_local
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ class ImageFolderSource:
     """
 
     def __init__(self, path, field: str = "data.path"):
-        self.root = pathlib.Path(path)
+        self.root = as_path(path)  # a local path or a URL (gs://)
         metadata = self.root / "metadata.jsonl"
         if not metadata.is_file():
             raise FileNotFoundError(
@@ -40,7 +42,7 @@ class ImageFolderSource:
                 f'needs metadata.jsonl with rows {{"file_name": ..., "text": ...}})'
             )
         self.records, self.skipped = [], 0
-        self._resolved_root = self.root.resolve()
+        self._resolved_root = pathlib.Path(self.root).resolve() if is_local(self.root) else None
         for line, where in _utf8_lines(metadata, self._skip):
             self._add(line, where)
         if not self.records:
@@ -65,12 +67,20 @@ class ImageFolderSource:
             return self._skip(f'{where}: empty or missing "text" caption, skipped')
         if "\0" in file_name:
             return self._skip(f"{where}: file_name holds a NUL character, skipped")
+        outside = f"{where}: file_name {file_name!r} is outside {self.root}, skipped"
+        if self._resolved_root is None:
+            # An object store: no symlinks, devices or pipes, and one request per image would
+            # be slow; only the name is checked, a missing image is skipped when decoded.
+            name = posixpath.normpath(file_name)
+            if name.startswith(("/", "../")) or name == ".." or "://" in file_name:
+                return self._skip(outside)
+            return self.records.append((str(self.root / name), text.strip()))
         image = self.root / file_name
         problem = _not_a_regular_file(image)
         if problem:
             return self._skip(f"{where}: image {image} {problem}, skipped")
-        if not image.resolve().is_relative_to(self._resolved_root):  # "..", absolute, symlinks
-            return self._skip(f"{where}: file_name {file_name!r} is outside {self.root}, skipped")
+        if not pathlib.Path(image).resolve().is_relative_to(self._resolved_root):  # "..", symlinks
+            return self._skip(outside)
         self.records.append((str(image), text.strip()))
 
     def _skip(self, message: str) -> None:
@@ -93,17 +103,17 @@ class ImageFolderSource:
 
 
 class TfdsSource:
-    """A prepared TFDS dataset read with `tfds.data_source` (ArrayRecord; no TensorFlow needed).
+    """A prepared TFDS dataset read as a random-access data source (ArrayRecord; no TensorFlow
+    needed), see `open_tfds`.
 
     `data.tfds_image_key` and `data.tfds_caption_key` name the fields; a nested field is written
-    with "/", e.g. "captions/text" for coco_captions (a list of captions per image).
+    with "/", e.g. "captions/text" for coco_captions (a list of captions per image). A key that
+    holds "/" itself, as coco_captions' "image/id" does, is found as it is first.
     """
 
     def __init__(self, name, split, data_dir, image_key, caption_key, data_source=None):
         if data_source is None:
-            import tensorflow_datasets as tfds
-
-            data_source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+            data_source = open_tfds(name, split, data_dir or None)
         self.name, self.source = name, data_source
         self.image_key, self.caption_key = image_key, caption_key
         self.skipped = 0
@@ -117,8 +127,8 @@ class TfdsSource:
     def __getitem__(self, index: int) -> dict:
         example = self.source[index]
         return {
-            "image": _field(example, self.image_key, self.name),
-            "text": as_text(_field(example, self.caption_key, self.name)),
+            "image": _field(example, self.image_key, self.name, "data.tfds_image_key"),
+            "text": as_text(_field(example, self.caption_key, self.name, "data.tfds_caption_key")),
             "origin": self.record_name(index),
         }
 
@@ -126,13 +136,80 @@ class TfdsSource:
         return f"{self.name}[{index}]"
 
 
-def _field(example, key: str, name: str):
+def open_tfds(name: str, split: str, data_dir: str | None):
+    """`tfds.data_source(name, split=split, data_dir=data_dir)` for a dataset already prepared
+    in ArrayRecord, read from the metadata beside its files (dataset_info.json, features.json)
+    rather than from its builder's code: TFDS's own builders (coco_captions) import TensorFlow,
+    and `tfds.data_source` would download and prepare a missing dataset, in the training run.
+    An unprepared dataset, another file format or an unknown split is a `config field` error
+    that says how to prepare it."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core import read_only_builder
+    from tensorflow_datasets.core.utils import file_utils
+
+    dirs = [str(d) for d in file_utils.list_data_dirs(given_data_dir=data_dir)]
+    where = (
+        f"data.tfds_data_dir={data_dir}" if data_dir else f"TFDS's data dirs ({', '.join(dirs)})"
+    )
+    build = f"tfds build {name} --data_dir {data_dir or dirs[0]} --file_format=array_record"
+    try:
+        builder = read_only_builder.builder_from_files(name, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError:
+        raise FileNotFoundError(
+            f"config field data.tfds_name: no prepared TFDS dataset {name!r} in {where}: set "
+            f"data.tfds_data_dir to the directory it was prepared in, or prepare it with "
+            f"`{build}` (that needs TensorFlow, reading it does not)"
+        ) from None
+    info = builder.info
+    if info.file_format is not tfds.core.FileFormat.ARRAY_RECORD:
+        formats = [f.value for f in [info.file_format, *info.alternative_file_formats] if f]
+        if tfds.core.FileFormat.ARRAY_RECORD.value not in formats:
+            raise ValueError(
+                f"config field data.tfds_name: {name} in {builder.data_dir} is prepared as "
+                f"{' and '.join(formats) or 'an unknown format'}, and random access needs "
+                f"ArrayRecord: prepare it again with `{build} --overwrite`"
+            )
+        builder = tfds.builder_from_directory(builder.data_dir, file_format="array_record")
+    try:
+        return builder.as_data_source(split=split)
+    except (KeyError, ValueError) as e:
+        raise ValueError(
+            f"config field data.tfds_split: {split!r} does not name a split of {name}, which has "
+            f"{', '.join(info.splits)} ({str(e).splitlines()[0]})"
+        ) from None
+
+
+class MissingFieldError(KeyError):
+    """A field name the dataset does not have; its message reads as written (a KeyError's
+    would be quoted), so the command line shows it as one `error:` line."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _field(example, key: str, name: str, config_field: str):
+    if isinstance(example, dict) and key in example:
+        return example[key]
     value = example
     for part in key.split("/"):
         if not isinstance(value, dict) or part not in value:
-            raise KeyError(f"{name}: no field {key!r} (set data.tfds_image_key/caption_key)")
+            raise MissingFieldError(
+                f"config field {config_field}: {name} has no field {key!r} "
+                f"(its fields: {', '.join(_field_names(example))})"
+            )
         value = value[part]
     return value
+
+
+def _field_names(example, prefix: str = "") -> list[str]:
+    """The names of an example's leaf fields, nested ones as "captions/text"."""
+    names = []
+    for key, value in example.items():
+        if isinstance(value, dict):
+            names += _field_names(value, f"{prefix}{key}/")
+        else:
+            names.append(f"{prefix}{key}")
+    return names
 
 
 def as_text(value):
@@ -158,10 +235,10 @@ class TextSource:
     """
 
     def __init__(self, path, field: str = "data.text_path"):
-        root = pathlib.Path(path)
+        root = as_path(path)  # a local path or a URL (gs://)
         if not root.exists():
             raise FileNotFoundError(f"config field {field}: {root} does not exist")
-        files = sorted(root.rglob("*")) if root.is_dir() else [root]
+        files = sorted(_files_under(root)) if root.is_dir() else [root]
         self.documents, self.skipped = [], 0
         for file in files:
             if file.suffix not in (".txt", ".jsonl"):
@@ -176,7 +253,7 @@ class TextSource:
         if not self.documents:
             raise ValueError(f"config field {field}: no text document in {root}")
 
-    def _read_txt(self, file: pathlib.Path) -> None:
+    def _read_txt(self, file) -> None:
         data = file.read_bytes()
         if b"\0" in data:
             log.warning("%s: a binary file (it holds NUL bytes), skipped", file)
@@ -195,7 +272,7 @@ class TextSource:
             log.warning("%s: %d paragraphs are not valid UTF-8, skipped", file, not_utf8)
             self.skipped += not_utf8
 
-    def _read_jsonl(self, file: pathlib.Path) -> None:
+    def _read_jsonl(self, file) -> None:
         for line, where in _utf8_lines(file, self._skip):
             try:
                 text = json.loads(line).get("text")
@@ -221,7 +298,18 @@ class TextSource:
         return pathlib.PurePath(self.documents[index][1]).name  # "file.txt paragraph 3"
 
 
-def _utf8_lines(path: pathlib.Path, skip):
+def _files_under(root) -> list:
+    """Every file below a directory: a local one's as pathlib's rglob finds them, an object
+    store's by listing each folder (epath's glob takes no "**" pattern)."""
+    if is_local(root):
+        return list(pathlib.Path(root).rglob("*"))
+    files = []
+    for child in root.iterdir():
+        files += _files_under(child) if child.is_dir() else [child]
+    return files
+
+
+def _utf8_lines(path, skip):
     """(line, "path:N") for the non-blank lines of a file; a line that is not valid UTF-8 is
     passed to `skip` with its position instead of failing the whole file."""
     with path.open("rb") as f:
@@ -235,8 +323,11 @@ def _utf8_lines(path: pathlib.Path, skip):
                 yield line, f"{path}:{number}"
 
 
-def _not_a_regular_file(path: pathlib.Path) -> str | None:
+def _not_a_regular_file(path) -> str | None:
     """Why `path` cannot be read as an image file, or None if it can (symlinks are followed)."""
+    if not is_local(path):  # an object store holds regular files only (these were listed)
+        return None
+    path = pathlib.Path(path)
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -295,9 +386,9 @@ def decode_record(data: bytes) -> dict:
         return record
 
 
-def split_record_path(cache) -> pathlib.Path:
+def split_record_path(cache):
     """Where data/cache.py records which source and held-out share a cache was written from."""
-    return pathlib.Path(str(cache) + ".split.json")
+    return as_path(str(cache) + ".split.json")
 
 
 def read_split_record(cache) -> dict | None:
@@ -311,6 +402,11 @@ class CachedSource:
     """Records of a cache file, in the shape the document transform expects."""
 
     def __init__(self, path):
+        if not is_local(path):
+            raise ValueError(
+                f"config field data.path: the cache {path} is in an object store, and ArrayRecord "
+                f"reads local files only: copy it to a local disk, or mount the bucket (gcsfuse)"
+            )
         self.source = ArrayRecordDataSource(str(path))
         self.skipped = 0
         if len(self.source) == 0:

@@ -11,6 +11,7 @@ padding ids, so any id the model can emit decodes without error.
 GPT-2's r50k_base). The last two need `pip install transfusion_jax[text]`.
 """
 
+import base64
 import hashlib
 import importlib
 import os
@@ -19,6 +20,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from transfusion_jax.batch import SpecialTokens
+from transfusion_jax.paths import as_path, is_local
 
 # GPT-2's pre-tokenisation regex (tiktoken's r50k_base pattern).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -108,7 +110,10 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model_path: str, pad_to: int = 128):
         spm = _import_optional("sentencepiece")
         self.model_path = str(model_path)
-        self.processor = spm.SentencePieceProcessor(model_file=self.model_path)
+        # read through epath: a local path or a URL (gs://)
+        self.processor = spm.SentencePieceProcessor(
+            model_proto=as_path(self.model_path).read_bytes()
+        )
         n = self.processor.get_piece_size()
         super().__init__(n, _appended_specials(n), pad_to)
 
@@ -135,9 +140,12 @@ class TiktokenTokenizer(Tokenizer):
         self.bpe_path = str(bpe_path)
         # A local path is read with open(), never fetched. tiktoken also caches it, keyed by the
         # path alone; the expected hash makes it re-read the file when that copy is stale.
-        with open(self.bpe_path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        ranks = load_tiktoken_bpe(self.bpe_path, expected_hash=digest)
+        data = as_path(self.bpe_path).read_bytes()
+        if is_local(self.bpe_path):
+            ranks = load_tiktoken_bpe(self.bpe_path, expected_hash=hashlib.sha256(data).hexdigest())
+        else:  # a URL (gs://), which tiktoken would read with blobfile: "base64 rank" lines
+            lines = (line.split() for line in data.splitlines() if line)
+            ranks = {base64.b64decode(token): int(rank) for token, rank in lines}
         if sorted(ranks.values()) != list(range(len(ranks))):
             raise ValueError(f"{self.bpe_path}: the BPE ranks are not 0..{len(ranks) - 1}")
         self.encoding = tiktoken.Encoding(
@@ -171,7 +179,7 @@ def make_tokenizer(spec: str = "bytes", pad_to: int = 128) -> Tokenizer:
     if not path:
         raise ValueError(f"config field data.tokenizer: {spec!r} needs a file, '{kind}:PATH'")
     path = os.path.expanduser(path)
-    if not os.path.isfile(path):
+    if not as_path(path).is_file():
         raise FileNotFoundError(f"config field data.tokenizer: {kind} file {path!r} does not exist")
     cls = SentencePieceTokenizer if kind == "sentencepiece" else TiktokenTokenizer
     return cls(path, pad_to)

@@ -5,8 +5,7 @@
 pipeline) or a workdir of our own VAE training. Nothing here imports torch.
 """
 
-import pathlib
-
+from transfusion_jax.paths import as_path
 from transfusion_jax.vae.autoencoder import VAE, AutoencoderKL, vae_config
 from transfusion_jax.vae.diffusers_weights import CONFIG, WEIGHTS, load_diffusers
 from transfusion_jax.vae.latent_space import vae_directory
@@ -16,7 +15,7 @@ __all__ = ["VAE", "AutoencoderKL", "load_diffusers", "load_vae", "vae_config"]
 
 def load_vae(path, **kwargs) -> VAE:
     """The VAE at `path`; `kwargs` (dtype, param_dtype) go to the loader."""
-    path = pathlib.Path(path)
+    path = as_path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such VAE directory")
     path = vae_directory(path)

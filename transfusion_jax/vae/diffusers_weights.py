@@ -7,16 +7,17 @@ understand fails loudly instead of decoding noise.
 """
 
 import json
-import pathlib
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
+from transfusion_jax.paths import as_path, local_copy
 from transfusion_jax.vae.autoencoder import VAE, AutoencoderKL, vae_config
 from transfusion_jax.weight_files import mismatch_report
 
@@ -77,7 +78,7 @@ def _to_ours(tensor: np.ndarray, shape: tuple) -> np.ndarray | None:
 
 def read_config(directory) -> dict:
     """Our vae_config overrides and the latent normalisation from a diffusers config.json."""
-    directory = pathlib.Path(directory)
+    directory = as_path(directory)
     path = directory / CONFIG
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such directory (expected a diffusers VAE)")
@@ -142,7 +143,7 @@ def read_config(directory) -> dict:
     return dict(overrides=overrides, scale=scale, shift=shift)
 
 
-def _weights_file(directory: pathlib.Path) -> pathlib.Path:
+def _weights_file(directory: epath.Path) -> epath.Path:
     for name in (WEIGHTS, *WEIGHT_VARIANTS):
         if (directory / name).is_file():
             return directory / name
@@ -158,15 +159,15 @@ def _weights_file(directory: pathlib.Path) -> pathlib.Path:
 def check_weights(directory) -> None:
     """Raises (naming the file) unless the directory's safetensors file is there and its header
     parses: a quick check before a run starts, without reading the tensors."""
-    file = _weights_file(pathlib.Path(directory))
+    file = _weights_file(as_path(directory))
     try:
-        with safe_open(str(file), "np") as f:
+        with local_copy(file) as local, safe_open(str(local), "np") as f:
             f.keys()
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 
 
-def _fill(abstract_params: dict, tensors: dict, file: pathlib.Path) -> dict:
+def _fill(abstract_params: dict, tensors: dict, file: epath.Path) -> dict:
     """Our params tree (numpy, our layouts) from the file's tensors, or a ValueError listing what
     is missing, unused or misshapen."""
     by_name, duplicates = {}, []
@@ -220,12 +221,13 @@ def load_diffusers(directory, *, dtype: str = "float32", param_dtype: str = "flo
 
     `dtype`/`param_dtype` choose computation and storage precision (the file's dtype is cast).
     """
-    directory = pathlib.Path(directory)
+    directory = as_path(directory)
     found = read_config(directory)
     cfg = vae_config(**found["overrides"], dtype=dtype, param_dtype=param_dtype)
     file = _weights_file(directory)
     try:
-        tensors = load_file(str(file))
+        with local_copy(file) as local:
+            tensors = load_file(str(local))
     except Exception as e:  # safetensors raises its own error types for a damaged file
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 

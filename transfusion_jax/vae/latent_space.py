@@ -5,10 +5,11 @@ pipeline and the latent cache need these long before (or instead of) the encoder
 
 import dataclasses
 import functools
-import pathlib
 
 import numpy as np
+from etils import epath
 
+from transfusion_jax.paths import as_path
 from transfusion_jax.vae.autoencoder import downsampling
 from transfusion_jax.vae.diffusers_weights import CONFIG, WEIGHTS, check_weights, read_config
 
@@ -33,11 +34,11 @@ class LatentSpace:
         return (z - self.shift) * self.scale
 
 
-def vae_directory(path) -> pathlib.Path:
+def vae_directory(path) -> epath.Path:
     """The directory `load_vae` and `latent_space` read for `path`: a train_vae workdir, a
     diffusers VAE directory (given as it, its config.json or its weights file), or a pipeline
     directory's vae/ folder."""
-    path = pathlib.Path(path)
+    path = as_path(path)
     if path.is_file() and path.name in (CONFIG, WEIGHTS):
         return path.parent
     if not (path / "checkpoints").is_dir() and (path / "vae" / CONFIG).is_file():
@@ -50,7 +51,7 @@ def latent_space(path, check_files: bool = False) -> LatentSpace:
     errors name the path and what was expected there. `check_files` also checks that a
     diffusers directory's weights file is readable (before a run starts)."""
     space = _latent_space(str(path))
-    if check_files and not (pathlib.Path(space.path) / "checkpoints").is_dir():
+    if check_files and not (as_path(space.path) / "checkpoints").is_dir():
         try:
             check_weights(space.path)
         except (OSError, ValueError) as e:
@@ -60,7 +61,7 @@ def latent_space(path, check_files: bool = False) -> LatentSpace:
 
 @functools.lru_cache(maxsize=16)  # configs are resolved often; the files are read once
 def _latent_space(path: str) -> LatentSpace:
-    path = pathlib.Path(path)
+    path = as_path(path)
     if not str(path) or str(path) == ".":
         raise ValueError(
             "config field image.vae_path: data.latents='vae' needs the VAE, a diffusers "
@@ -85,7 +86,7 @@ def _latent_space(path: str) -> LatentSpace:
     )
 
 
-def _workdir_space(path: pathlib.Path) -> LatentSpace:
+def _workdir_space(path: epath.Path) -> LatentSpace:
     from transfusion_jax.checkpoint import Checkpointer
 
     checkpoints = Checkpointer(path / "checkpoints", keep=None, read_only=True)

@@ -11,8 +11,6 @@ package. Without the `lin` tensors every channel weighs the same.
 with images in [-1, 1] shifted and scaled as LPIPS does first.
 """
 
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +18,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from transfusion_jax.layers import sharded
+from transfusion_jax.paths import as_path, local_copy
 
 # (out channels or "M" for a 2x2 max pool), as torchvision's vgg16().features.
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -89,11 +88,12 @@ class LPIPS(nnx.Module):
 def load_lpips(path) -> LPIPS:
     """LPIPS with the VGG16 (and, if present, lin) weights of a safetensors file; errors name the
     file and the missing tensors."""
-    path = pathlib.Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config field loss.perceptual_path: {path} does not exist")
     try:
-        tensors = load_file(str(path))
+        with local_copy(path) as local:
+            tensors = load_file(str(local))
     except Exception as e:  # noqa: BLE001 - any unreadable file
         raise ValueError(
             f"config field loss.perceptual_path: {path} is not safetensors ({e})"

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from transfusion_jax.data.images import to_uint8
+from transfusion_jax.paths import save_image
 from transfusion_jax.vae import load_vae
 from transfusion_jax.vae.data import first_images
 
@@ -78,7 +79,7 @@ def main(argv=None):
     images = first_images(cfg, max(args.num, args.score), held=True)
     rebuilt = reconstruct(vae, images)
     s = scores(images[: args.score], rebuilt[: args.score])
-    Image.fromarray(comparison_grid(images[: args.num], rebuilt[: args.num])).save(args.out)
+    save_image(Image.fromarray(comparison_grid(images[: args.num], rebuilt[: args.num])), args.out)
     print(f"held-out PSNR {s['psnr']:.2f} dB, SSIM {s['ssim']:.4f} over {s['images']} images")
     print(f"wrote {args.out}")
 

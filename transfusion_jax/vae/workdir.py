@@ -7,12 +7,12 @@ the latents the model diffuses has unit variance.
 """
 
 import logging
-import pathlib
 
 import jax
 from flax import nnx
 
 from transfusion_jax.checkpoint import Checkpointer, restore_trained
+from transfusion_jax.paths import as_path
 from transfusion_jax.sharding import make_mesh
 from transfusion_jax.vae.autoencoder import VAE, AutoencoderKL
 from transfusion_jax.vae.latent_space import latent_space, trained_normalisation
@@ -26,7 +26,7 @@ def load_workdir(
     from transfusion_jax.vae.config import vae_base_config
     from transfusion_jax.vae.train_step import VAETrainProgram  # the trainer, only when needed
 
-    path = pathlib.Path(path)
+    path = as_path(path)
     latent_space(path)  # a workdir of another model is refused by name, before any restore
     mesh = make_mesh(1, 1, 1, jax.local_devices()[:1])
 
