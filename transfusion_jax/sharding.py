@@ -49,7 +49,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
         if len(devices) % known:
             raise ValueError(
                 f"config fields mesh.data/fsdp/tensor: {shape} leaves -1 no whole share of "
-                f"{len(devices)} devices ({known} does not divide {len(devices)}); pick sizes that do"
+                f"{len(devices)} devices ({known} does not divide it); pick sizes that do"
             )
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
