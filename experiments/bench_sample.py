@@ -19,11 +19,11 @@ import numpy as np
 from flax import nnx
 
 from experiments.bench_train import reference_config, timed
-from transfusion_jax import samplers
+from transfusion_jax import diffusion_solvers
 from transfusion_jax.batch import Image, SpecialTokens, build_batch
 from transfusion_jax.config import resolve_model
 from transfusion_jax.diffusion import Diffusion
-from transfusion_jax.generate import Generator, SamplingOptions, uncached_image_predictor
+from transfusion_jax.generator import Generator, SamplingOptions, uncached_image_predictor
 from transfusion_jax.model import Transfusion
 
 
@@ -68,12 +68,12 @@ def main():
     def uncached_sample(batch, uncond_batch, key):
         noise_key, sample_key = jax.random.split(key)
         x_T = jax.random.normal(noise_key, (1, *shape), jnp.float32)
-        predict = samplers.guided(
+        predict = diffusion_solvers.guided(
             uncached_image_predictor(model, batch, 0),
             uncached_image_predictor(model, uncond_batch, 0),
             args.cfg_scale,
         )
-        return samplers.sample(predict, x_T, sample_key, diffusion, "ddpm", args.steps)
+        return diffusion_solvers.sample(predict, x_T, sample_key, diffusion, "ddpm", args.steps)
 
     cached_s = median_time(cached, args.repeats)
     uncached_s = median_time(lambda: uncached_sample(batch, uncond_batch, key), args.repeats)

@@ -19,7 +19,7 @@ from transfusion_jax import sample as sample_cli
 from transfusion_jax.config import load_config
 from transfusion_jax.data import shapes
 from transfusion_jax.data.images import load_image, to_uint8
-from transfusion_jax.generate import SamplingOptions
+from transfusion_jax.generator import SamplingOptions
 from transfusion_jax.quickstart import evaluate
 from transfusion_jax.train import train
 

@@ -169,7 +169,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Returns a copy of the config with the 0 = default fields filled in, after checking it."""
     cfg = ml_collections.ConfigDict(cfg.to_dict())
-    m, im, p = cfg.model, cfg.image, cfg.patch
+    m, im, p = cfg.model, cfg.image, cfg.patch  # the sections checked here
     m.num_kv_heads = m.num_kv_heads or m.num_heads
     m.head_dim = m.head_dim or m.d_model // m.num_heads
     m.ffn_dim = m.ffn_dim or llama_ffn_dim(m.d_model)

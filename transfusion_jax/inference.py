@@ -36,7 +36,7 @@ from transfusion_jax.data.images import load_image, to_uint8
 from transfusion_jax.data.tokenizer import make_tokenizer
 from transfusion_jax.diffusion import Diffusion
 from transfusion_jax.export import load_exported
-from transfusion_jax.generate import Generator, SamplingOptions
+from transfusion_jax.generator import Generator, SamplingOptions
 from transfusion_jax.paths import as_path, local_copy
 from transfusion_jax.sharding import make_mesh
 from transfusion_jax.train_step import TrainProgram

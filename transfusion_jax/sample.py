@@ -23,9 +23,9 @@ from PIL import Image
 
 from transfusion_jax.checkpoint import Checkpointer
 from transfusion_jax.data.tokenizer import make_tokenizer
+from transfusion_jax.diffusion_solvers import METHODS
 from transfusion_jax.inference import SAMPLERS_FOR, Pipeline, auto_mesh_shape, image_grid
 from transfusion_jax.paths import as_path, save_image
-from transfusion_jax.samplers import METHODS
 from transfusion_jax.sharding import make_mesh
 from transfusion_jax.workdir import RunError
 

@@ -173,10 +173,10 @@ def _print_compiled(compiled, task):
 
 def eval_suites(cfg) -> list[str]:
     """The suites run during training: none unless train.eval_every is set."""
-    t = cfg.train
-    if not t.get("eval_every", 0):
+    training = cfg.train
+    if not training.get("eval_every", 0):
         return []
-    suites = [s.strip() for s in t.get("eval_suites", "").split(",") if s.strip()]
+    suites = [s.strip() for s in training.get("eval_suites", "").split(",") if s.strip()]
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         raise ValueError(
@@ -304,12 +304,12 @@ def train(
     refused unless `allow_config_change`. `task` says what is trained (TransfusionTask).
     """
     cfg = task.resolve(cfg)
-    t = cfg.train
+    training = cfg.train
     workdir = as_path(workdir)  # a local path or a URL (gs://): see transfusion_jax.paths
     workdir.mkdir(parents=True, exist_ok=True)
     lock = WorkdirLock(workdir) if jax.process_index() == 0 else None
     try:
-        checkpoints = Checkpointer(workdir / "checkpoints", t.keep_checkpoints)
+        checkpoints = Checkpointer(workdir / "checkpoints", training.keep_checkpoints)
         try:
             changes = _check_resume_config(
                 cfg, workdir, checkpoints, allow_config_change, task.default_config()
@@ -373,14 +373,17 @@ def _check_resume_config(
 
 
 def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step, task_class) -> dict:
-    t = cfg.train
+    training = cfg.train
     # -- mesh and shapes ---------------------------------------------------------------------
     mesh = shd.mesh_from_config(cfg, devices)
     data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if t.batch_size % (data_ways * t.grad_accum_steps) or t.batch_size % jax.process_count():
+    if (
+        training.batch_size % (data_ways * training.grad_accum_steps)
+        or training.batch_size % jax.process_count()
+    ):
         raise ValueError(
-            f"config field train.batch_size: {t.batch_size} rows must be divisible by "
-            f"mesh data x fsdp = {data_ways} times grad_accum_steps = {t.grad_accum_steps}, "
+            f"config field train.batch_size: {training.batch_size} rows must be divisible by "
+            f"mesh data x fsdp = {data_ways} times grad_accum_steps = {training.grad_accum_steps}, "
             f"and by the {jax.process_count()} processes"
         )
     log(f"mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} devices")
@@ -389,13 +392,13 @@ def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step, task_class
     log(task.describe())
 
     # -- input --------------------------------------------------------------------------------
-    local_batch = t.batch_size // jax.process_count()
+    local_batch = training.batch_size // jax.process_count()
     source = task.make_source(local_batch, jax.process_index(), jax.process_count())
 
     # -- state: fresh or restored --------------------------------------------------------------
     restored = checkpoints.restore_latest(program.abstract_state())
     if restored is None:
-        state, resumed_step = program.init_state(t.seed), None
+        state, resumed_step = program.init_state(training.seed), None
         log("initialised a new model")
     else:
         resumed_step, state, data_state, damaged = restored
@@ -423,21 +426,21 @@ def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step, task_class
     first_batch = shd.global_batch(next(source), mesh)  # global shapes, also with N processes
     compiled = program.compile(first_batch)
     _print_compiled(compiled, task)
-    peak = t.peak_tflops or device_peak_tflops(jax.devices()[0])
+    peak = training.peak_tflops or device_peak_tflops(jax.devices()[0])
     mfu_scale = task.flops_per_unit / (peak * 1e12 * mesh.devices.size) if peak else 0.0
 
     # -- loop ---------------------------------------------------------------------------------
     writer = None
     if jax.process_index() == 0:
-        writer = MetricsWriter(workdir, t.tensorboard, t.wandb_project, cfg)
+        writer = MetricsWriter(workdir, training.tensorboard, training.wandb_project, cfg)
     saved_config = config_as_json(cfg)
     preemption = PreemptionFlag()
-    eval_every = t.get("eval_every", 0)  # a task with held-out metrics (the VAE) has one
+    eval_every = training.get("eval_every", 0)  # a task with held-out metrics (the VAE) has one
     step = int(state.step)
     last_logged, window, window_start, window_steps = {}, None, time.perf_counter(), 0
     pending = first_batch
     try:
-        while step < t.num_steps:
+        while step < training.num_steps:
             batch = pending if pending is not None else shd.global_batch(next(source), mesh)
             pending = None
             state, metrics = compiled(state, batch)
@@ -448,26 +451,31 @@ def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step, task_class
 
             stopping = bool(preemption.raised) or step == stop_at_step
             if jax.process_count() > 1:  # all processes must stop at the same step: decide
-                stopping = step % t.log_every == 0 and _any_process(stopping)  # at log steps
+                stopping = step % training.log_every == 0 and _any_process(stopping)  # at log steps
             evaluating = bool(eval_every) and step % eval_every == 0
-            if step % t.log_every == 0 or step == t.num_steps or stopping or evaluating:
+            if (
+                step % training.log_every == 0
+                or step == training.num_steps
+                or stopping
+                or evaluating
+            ):
                 record = _log_record(window, window_steps, window_start, step, task, mfu_scale)
-                if evaluating or step == t.num_steps:
+                if evaluating or step == training.num_steps:
                     record.update(task.evaluate(state, step))
                 record["nonfinite_steps"] = int(state.nonfinite_steps)
                 record["skipped_examples"] = source.skipped_examples  # distinct records
                 record["skipped_draws"] = getattr(source, "skipped_draws", 0)
                 if writer is not None:
                     writer.write(record)
-                log(_progress_line(record, t.num_steps, task))
+                log(_progress_line(record, training.num_steps, task))
                 evaluated = {k: v for k, v in record.items() if k.startswith("eval/")}
                 if evaluated:
                     log(f"evaluation at step {step}: " + _eval_line(record))
-                _check_finite(state, t)
+                _check_finite(state, training)
                 last_logged, window, window_steps = record, None, 0
                 window_start = time.perf_counter()
-            if step % t.checkpoint_every == 0 or step == t.num_steps or stopping:
-                _check_finite(state, t)
+            if step % training.checkpoint_every == 0 or step == training.num_steps or stopping:
+                _check_finite(state, training)
                 info = task.checkpoint_info(state)
                 checkpoints.save(step, state, _data_states(source), saved_config, info)
             if stopping:
@@ -538,8 +546,8 @@ def _eval_line(record: dict) -> str:
     return line + f"  ({record.get('eval_s', 0):.0f} s)"
 
 
-def _check_finite(state, t) -> None:
-    if t.nan_policy == "stop" and int(state.nonfinite_steps) > 0:
+def _check_finite(state, training) -> None:
+    if training.nan_policy == "stop" and int(state.nonfinite_steps) > 0:
         first = int(state.first_nonfinite_step)
         raise NonFiniteLossError(
             f"step {first + 1}: the loss or gradient is not finite. That update was not applied, "
@@ -548,7 +556,7 @@ def _check_finite(state, t) -> None:
             f"--config.train.nan_policy=skip to skip such steps."
         )
     longest = int(state.longest_nonfinite_streak)
-    if longest >= t.max_nonfinite_streak:
+    if longest >= training.max_nonfinite_streak:
         raise NonFiniteLossError(
             f"{longest} steps in a row had a non-finite loss or gradient "
             f"({int(state.nonfinite_steps)} of {int(state.step)} in all; none was applied, so the "

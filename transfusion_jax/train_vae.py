@@ -48,10 +48,10 @@ class VAETask:
             self.logged += ("perceptual",)
         if cfg.loss.disc_weight > 0:
             self.logged += ("g_loss", "d_loss")
-        t = cfg.train
-        self.eval_images = first_images(cfg, t.eval_images, held=True)
-        self.stats_images = first_images(cfg, t.stats_images, held=False)
-        if t.eval_images and not len(self.eval_images):
+        training = cfg.train
+        self.eval_images = first_images(cfg, training.eval_images, held=True)
+        self.stats_images = first_images(cfg, training.stats_images, held=False)
+        if training.eval_images and not len(self.eval_images):
             trainer.log("warning: the held-out split is empty; no val_* metrics")
         self._compiled = {}  # name -> the compiled function, made on first use
 

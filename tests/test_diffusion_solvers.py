@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from transfusion_jax.diffusion import Diffusion
-from transfusion_jax.samplers import (
+from transfusion_jax.diffusion_solvers import (
     ddim_sample,
     ddpm_sample,
     euler_sample,

@@ -9,10 +9,10 @@ import pytest
 from flax import nnx
 
 from tests.helpers import SPECIAL, tiny_config
-from transfusion_jax import samplers
+from transfusion_jax import diffusion_solvers
 from transfusion_jax.batch import Image, build_batch
 from transfusion_jax.diffusion import Diffusion
-from transfusion_jax.generate import (
+from transfusion_jax.generator import (
     Generator,
     SamplingOptions,
     predict_image,
@@ -93,8 +93,8 @@ def test_cached_generation_equals_uncached(setup, cfg_scale):
     uncond = uncached_image_predictor(model, jax.tree.map(jnp.asarray, uncond_batch), slot=0)
     noise_key, sample_key = jax.random.split(key)
     x_T = jax.random.normal(noise_key, (1, *SHAPE), jnp.float32)
-    expected = samplers.sample(
-        samplers.guided(cond, uncond, cfg_scale), x_T, sample_key, Diffusion(), "ddpm", 4
+    expected = diffusion_solvers.sample(
+        diffusion_solvers.guided(cond, uncond, cfg_scale), x_T, sample_key, Diffusion(), "ddpm", 4
     )
     # Untrained weights make |x| reach 1e4 here, so compare relative to the largest value.
     assert float(jnp.abs(image - expected).max() / jnp.abs(expected).max()) < 1e-5
@@ -125,7 +125,7 @@ def test_guidance_at_scale_one_is_the_conditional_sampler(linear_setup):
     def cond(x, t):
         return predict_image(model, ctx, x, jnp.full((1,), t))
 
-    expected = samplers.sample(cond, x_T, sample_key, Diffusion(), "ddim", 3)
+    expected = diffusion_solvers.sample(cond, x_T, sample_key, Diffusion(), "ddim", 3)
     np.testing.assert_allclose(image, expected, atol=1e-5)
 
 
@@ -160,7 +160,7 @@ def test_captioning_returns_text_after_the_given_image(linear_setup):
 
 
 def test_token_sampling_respects_temperature_top_k_and_top_p():
-    from transfusion_jax.generate import sample_token
+    from transfusion_jax.generator import sample_token
 
     logits = jnp.log(jnp.asarray([[0.05, 0.5, 0.3, 0.15]]))
     assert int(sample_token(jax.random.key(0), logits, 0.0, 0, 1.0)[0]) == 1  # greedy

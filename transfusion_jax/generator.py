@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from transfusion_jax import samplers
+from transfusion_jax import diffusion_solvers
 from transfusion_jax.batch import SpecialTokens, unconditional_prefix
 from transfusion_jax.diffusion import Diffusion
 from transfusion_jax.sharding import BATCH_AXES
@@ -279,7 +279,7 @@ class Generator:
 
         noise_rng, sample_rng = jax.random.split(rng)
         x_T = jax.random.normal(noise_rng, (b, *self.image_shape), jnp.float32)
-        predict_fn = samplers.guided(predict(ctx), predict(uncond), options.cfg_scale)
+        predict_fn = diffusion_solvers.guided(predict(ctx), predict(uncond), options.cfg_scale)
         if self.progress is not None:
             guided_fn = predict_fn
 
@@ -288,7 +288,7 @@ class Generator:
                 return guided_fn(x, t)
 
         extra = {} if options.clip_x0 is None else {"clip_x0": options.clip_x0}
-        return samplers.sample(
+        return diffusion_solvers.sample(
             predict_fn, x_T, sample_rng, self.diffusion, options.sampler, options.steps, **extra
         )
 
