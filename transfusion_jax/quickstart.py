@@ -78,7 +78,7 @@ def define_flags() -> None:
     )
     flags.DEFINE_string("workdir", "workdirs/quickstart", "Where the run is written.")
     flags.DEFINE_integer("train_steps", 0, "Training steps; 0 = the config's.")
-    flags.DEFINE_integer("num", 16, "Held-out captions to draw and images to caption.")
+    flags.DEFINE_integer("num", 64, "Held-out captions to draw and images to caption.")
     flags.DEFINE_integer("steps", 100, "Denoising steps per image.")
     flags.DEFINE_float("cfg_scale", 3.0, "Classifier-free guidance scale.")
 
