@@ -19,11 +19,13 @@ import pytest
 from etils import epath
 from etils.epath import backend as epath_backend
 from etils.epath import gpath
+from flax import nnx
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from orbax.checkpoint._src.path import gcs_utils
 from PIL import Image
 
+from tests.helpers import importable_torchvision
 from tests.test_training import small_config
 from transfusion_jax import paths
 from transfusion_jax.checkpoint import Checkpointer
@@ -211,3 +213,66 @@ def test_text_and_image_folder_data_in_a_bucket(fake_bucket):
     assert images[0]["image"] == f"{BUCKET}/data/images/red.png"
     pixels = load_image(images[0]["image"], 4)
     assert pixels.shape == (4, 4, 3) and np.allclose(pixels[..., 0], 1.0)
+
+
+def same_arrays(a, b) -> bool:
+    """Two trees of arrays with the same structure and equal leaves."""
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        jax.tree.leaves(jax.tree.map(np.array_equal, a, b))
+    )
+
+
+def test_clip_weights_in_a_bucket(fake_bucket, tmp_path):
+    """eval.clip_weights as a gs:// directory loads as the same directory on disk does."""
+    torch = pytest.importorskip("torch", reason="the CLIP directory is written by transformers")
+    importable_torchvision(torch)  # transformers imports torchvision whenever it is installed
+    pytest.importorskip("transformers", reason="the CLIP directory is written by transformers")
+    from tests.test_clip import SENTENCES, learn_merges, reference_clip, write_tokenizer
+    from transfusion_jax.evaluation import clip as clip_lib
+
+    (tmp_path / "tokenizer").mkdir()
+    write_tokenizer(tmp_path / "tokenizer", learn_merges(" ".join(SENTENCES), 40))
+    url = f"{BUCKET}/clip"
+    on_disk = local(fake_bucket, url)
+    on_disk.mkdir(parents=True)
+    reference_clip(on_disk, tmp_path / "tokenizer", act="quick_gelu", legacy_eos=False)
+    size = {"size": {"shortest_edge": 40}, "crop_size": {"height": 32, "width": 32}}
+    (on_disk / clip_lib.PREPROCESSOR).write_text(json.dumps(size))
+
+    remote, here = clip_lib.load_clip(url), clip_lib.load_clip(on_disk)
+    assert remote.cfg == here.cfg and remote.preprocess == here.preprocess
+    assert remote.preprocess.shortest_edge == 40  # preprocessor_config.json was read
+    assert remote.tokenizer.vocab == here.tokenizer.vocab
+    assert remote.tokenizer.ranks == here.tokenizer.ranks
+    assert same_arrays(
+        nnx.to_pure_dict(nnx.state(remote.model)), nnx.to_pure_dict(nnx.state(here.model))
+    )
+    with pytest.raises(FileNotFoundError, match=f"--clip_weights {BUCKET}/absent: expected"):
+        clip_lib.load_clip(f"{BUCKET}/absent")
+
+
+def test_inception_weights_in_a_bucket(fake_bucket):
+    """eval.inception_weights as a gs:// file (torch's zip format, and the legacy one of
+    pytorch-fid's published file) loads as the same file on disk does."""
+    torch = pytest.importorskip("torch", reason="the Inception weights are written by torch")
+    torchvision = importable_torchvision(torch)
+    if torchvision is None:
+        pytest.skip("the Inception weights are torchvision's Inception3")
+    from tests.test_fid import perturbed_inception_state
+    from transfusion_jax.evaluation import inception
+    from transfusion_jax.evaluation.torch_weights import load_torch_state_dict
+
+    state = perturbed_inception_state(torch, torchvision)
+    url = f"{BUCKET}/{inception.FID_WEIGHTS_NAME}"
+    on_disk = local(fake_bucket, url)
+    on_disk.parent.mkdir(parents=True)
+    torch.save(state, on_disk)
+    torch.save(state, on_disk.with_suffix(".legacy"), _use_new_zipfile_serialization=False)
+
+    assert str(inception.check_weights(url)) == url
+    remote, here = inception.load_inception(url), inception.load_inception(on_disk)
+    assert same_arrays(nnx.to_pure_dict(remote._state), nnx.to_pure_dict(here._state))
+    legacy = load_torch_state_dict(url.removesuffix(".pth") + ".legacy")
+    assert same_arrays(legacy, load_torch_state_dict(on_disk.with_suffix(".legacy")))
+    with pytest.raises(FileNotFoundError, match=f"--inception_weights.*{BUCKET}/absent.pth"):
+        inception.check_weights(f"{BUCKET}/absent.pth")

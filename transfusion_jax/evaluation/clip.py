@@ -17,15 +17,16 @@ cosine is negative, which trained CLIPs practically never give.)
 import dataclasses
 import json
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from PIL import Image
 from safetensors.numpy import load_file
 
+from transfusion_jax import paths
 from transfusion_jax.evaluation.clip_tokenizer import MERGES, VOCAB, CLIPTokenizer
 from transfusion_jax.layers import to_dtype
 from transfusion_jax.weight_files import mismatch_report
@@ -87,7 +88,7 @@ def missing_weights_error(path) -> FileNotFoundError:
 
 def read_config(directory) -> CLIPConfig:
     """Our CLIPConfig from an HF CLIP config.json (absent fields take HF's defaults)."""
-    path = pathlib.Path(directory) / CONFIG
+    path = paths.as_path(directory) / CONFIG
     try:
         raw = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -344,7 +345,7 @@ def _torch_shape(path, shape) -> tuple:
     return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else tuple(reversed(shape))
 
 
-def _read_tensors(directory: pathlib.Path) -> tuple[dict, str]:
+def _read_tensors(directory: epath.Path) -> tuple[dict, str]:
     """All tensors of the directory's safetensors weights (one file or an index of shards)."""
     index = directory / WEIGHTS_INDEX
     if (directory / WEIGHTS).is_file():
@@ -360,7 +361,8 @@ def _read_tensors(directory: pathlib.Path) -> tuple[dict, str]:
     tensors = {}
     for file in files:
         try:
-            tensors.update(load_file(str(file)))
+            with paths.local_copy(file) as copy:  # safetensors reads only a local file name
+                tensors.update(load_file(str(copy)))
         except FileNotFoundError:
             raise
         except Exception as e:  # safetensors raises its own error types for a damaged file
@@ -403,7 +405,7 @@ def _fill(abstract_params: dict, tensors: dict, where: str) -> dict:
 
 def load_model(directory, *, dtype: str = "float32") -> tuple[CLIP, CLIPConfig]:
     """The CLIPModel saved in an HF directory as our `CLIP` (parameters stored in float32)."""
-    directory = pathlib.Path(directory)
+    directory = paths.as_path(directory)
     cfg = read_config(directory)
     tensors, where = _read_tensors(directory)
     abstract = nnx.eval_shape(lambda: CLIP(cfg, nnx.Rngs(0), dtype=dtype))
@@ -483,7 +485,7 @@ def _hw(value, what, path) -> tuple[int, int]:
 
 def read_preprocess(directory, image_size: int) -> Preprocess:
     """The directory's preprocessor_config.json as a Preprocess; CLIP's defaults without one."""
-    path = pathlib.Path(directory) / PREPROCESSOR
+    path = paths.as_path(directory) / PREPROCESSOR
     if not path.is_file():
         return Preprocess(shortest_edge=image_size, crop=(image_size, image_size))
     try:
@@ -587,7 +589,7 @@ def load_clip(path, *, batch_size: int = 32, dtype: str = "float32") -> CLIPScor
     """The HF CLIP directory `path` (the --clip_weights flag) as a CLIPScorer. Never downloads."""
     if path is None:
         raise missing_weights_error(path)
-    directory = pathlib.Path(path)
+    directory = paths.as_path(path)
     needed = (CONFIG, VOCAB, MERGES)
     has_weights = (directory / WEIGHTS).is_file() or (directory / WEIGHTS_INDEX).is_file()
     if (

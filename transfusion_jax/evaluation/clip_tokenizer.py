@@ -14,11 +14,12 @@ HTML entities, so a caption with "&amp;" tokenizes here as in OpenAI's CLIP, not
 
 import html
 import json
-import pathlib
 import re
 import unicodedata
 
 import numpy as np
+
+from transfusion_jax import paths
 
 VOCAB = "vocab.json"
 MERGES = "merges.txt"
@@ -113,7 +114,7 @@ class CLIPTokenizer:
     @classmethod
     def from_directory(cls, directory, context_length: int = 77) -> "CLIPTokenizer":
         """The tokenizer of a Hugging Face CLIP directory (its vocab.json and merges.txt)."""
-        directory = pathlib.Path(directory)
+        directory = paths.as_path(directory)
         vocab_file, merges_file = directory / VOCAB, directory / MERGES
         for file in (vocab_file, merges_file):
             if not file.is_file():

@@ -12,14 +12,13 @@ The weights are pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`, passed by 
 never downloads anything.
 """
 
-import os
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
+from transfusion_jax import paths
 from transfusion_jax.evaluation.torch_weights import load_weights
 from transfusion_jax.weight_files import mismatch_report
 
@@ -46,12 +45,12 @@ def missing_weights_message(path=None) -> str:
     return f"{MISSING_WEIGHTS.format(name=FID_WEIGHTS_NAME, url=FID_WEIGHTS_URL)} ({given})"
 
 
-def check_weights(path) -> pathlib.Path:
-    """The weights file's path, or FileNotFoundError saying where the weights come from; cheap,
-    so a run can check before it trains for hours."""
-    if not path or not pathlib.Path(os.fspath(path)).is_file():
+def check_weights(path) -> epath.Path:
+    """The weights file's path (local or a URL), or FileNotFoundError saying where the weights
+    come from; cheap, so a run can check before it trains for hours."""
+    if not path or not paths.as_path(path).is_file():
         raise FileNotFoundError(missing_weights_message(path))
-    return pathlib.Path(os.fspath(path))
+    return paths.as_path(path)
 
 
 class Conv2d(nnx.Module):

@@ -17,8 +17,6 @@ torch < 0.4's tar archives are refused with a hint to re-save the file.
 
 import collections
 import io
-import os
-import pathlib
 import pickle
 import struct
 import tarfile
@@ -26,6 +24,9 @@ import zipfile
 
 import ml_dtypes
 import numpy as np
+from etils import epath
+
+from transfusion_jax import paths
 
 # torch's storage classes (as pickled by name) -> the numpy dtype of their elements.
 STORAGE_DTYPES = {
@@ -205,8 +206,8 @@ def _read_storage(raw: bytes, storage: _Storage, byteorder: str, source: str) ->
     return np.frombuffer(raw, dtype).astype(storage.dtype, copy=byteorder == "big")
 
 
-def _load_zip(path: pathlib.Path):
-    with zipfile.ZipFile(path) as archive:
+def _load_zip(path: epath.Path):
+    with path.open("rb") as f, zipfile.ZipFile(f) as archive:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
@@ -227,9 +228,9 @@ def _load_zip(path: pathlib.Path):
     return _resolve(result, str(path))
 
 
-def _load_legacy(path: pathlib.Path):
+def _load_legacy(path: epath.Path):
     source = str(path)
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         header = lambda: _Unpickler(f, source, _legacy_record).load()
         if header() != _LEGACY_MAGIC or header() != _LEGACY_PROTOCOL:
             raise ValueError(f"{path}: not a torch.save file (bad magic number or protocol)")
@@ -270,19 +271,25 @@ def _flatten(obj, prefix: str, out: dict) -> dict:
     return out
 
 
+def _is_tarfile(path: epath.Path) -> bool:
+    with path.open("rb") as f:
+        return tarfile.is_tarfile(f)
+
+
 def load_torch_state_dict(path) -> dict[str, np.ndarray]:
-    """The tensors of a `torch.save`d state dict (nested dicts flattened to dotted keys)."""
-    path = pathlib.Path(path)
+    """The tensors of a `torch.save`d state dict (nested dicts flattened to dotted keys), from
+    a local path or a URL (gs://)."""
+    path = paths.as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         start = f.read(4)
     try:
         if start == b"PK\x03\x04":
             result = _load_zip(path)
         elif start[:1] == b"\x80":  # a binary pickle: the legacy stream
             result = _load_legacy(path)
-        elif tarfile.is_tarfile(path):
+        elif _is_tarfile(path):
             raise ValueError(
                 f"{path}: a torch < 0.4 tar archive, which is not read here; {_RESAVE_HINT}"
             )
@@ -305,18 +312,20 @@ def load_torch_state_dict(path) -> dict[str, np.ndarray]:
 
 
 def load_weights(path) -> dict[str, np.ndarray]:
-    """Named arrays from `.safetensors`, `.npz` or a torch file (`.pth`, `.pt`, `.bin`...)."""
-    path = pathlib.Path(os.fspath(path))
+    """Named arrays from `.safetensors`, `.npz` or a torch file (`.pth`, `.pt`, `.bin`...), at a
+    local path or a URL (gs://)."""
+    path = paths.as_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
-        try:
-            return load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        with paths.local_copy(path) as file:  # safetensors reads only a local file name
+            try:
+                return load_file(str(file))
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as npz:
+        with path.open("rb") as f, np.load(f, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
     return load_torch_state_dict(path)
