@@ -2,8 +2,9 @@
 
   python -m transfusion_jax.quickstart --workdir workdirs/quickstart [--config.train.num_steps=N]
 
-1. trains `configs/tiny.py` on the shapes data (resumes if the directory has a checkpoint),
-   evaluating the held-out diffusion loss and caption perplexity as it goes;
+1. trains `configs/quickstart.py` (tiny, tuned for CPU minutes) on the shapes data (resumes
+   if the directory has a checkpoint), evaluating the held-out diffusion loss and caption
+   perplexity as it goes;
 2. runs the evaluation suites (`transfusion_jax.evaluate`) on the trained model: shapes (draws
    one image for each of `--num` held-out captions and captions `--num` held-out pictures, both
    scored with the exact shapes scorer), captions (CIDEr-D), text and diffusion;
@@ -74,7 +75,9 @@ def evaluate(workdir, num: int, steps: int, cfg_scale: float, seed: int = 0) -> 
 def define_flags() -> None:
     """The command's flags, defined only when it runs (importing the module defines none)."""
     config_flags.DEFINE_config_file(
-        "config", str(config_path("tiny")), "The config to train (a file or a shipped name)."
+        "config",
+        str(config_path("quickstart")),
+        "The config to train (a file or a shipped name).",
     )
     flags.DEFINE_string("workdir", "workdirs/quickstart", "Where the run is written.")
     flags.DEFINE_integer("train_steps", 0, "Training steps; 0 = the config's.")
