@@ -237,9 +237,10 @@ def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     )
     if p.kind == "unet":
         for level, width in enumerate(p.unet_channels[:levels]):
-            heads = max(1, width // p.unet_head_dim)
+            heads = unet_attention_heads(width, p.unet_head_dim)
+            attends = unet_attends(im.latent_size, level, p.unet_attention_resolution)
             _check(
-                im.latent_size // 2**level > p.unet_attention_resolution or width % heads == 0,
+                not attends or width % heads == 0,
                 "patch.unet_head_dim",
                 f"{p.unet_head_dim} splits the U-Net's width {width} into {heads} heads unevenly; "
                 f"choose a head size whose multiple is {width}",
@@ -249,6 +250,17 @@ def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if "train" in cfg:
         _check_training(cfg)
     return cfg
+
+
+def unet_attends(latent_size: int, level: int, attention_resolution: int) -> bool:
+    """Whether the U-Net attends at `level` (resolution latent_size / 2^level): at resolutions of
+    at most `patch.unet_attention_resolution` pixels a side."""
+    return latent_size // 2**level <= attention_resolution
+
+
+def unet_attention_heads(width: int, head_dim: int) -> int:
+    """Heads of the U-Net's attention over `width` channels (`patch.unet_head_dim` each)."""
+    return max(1, width // head_dim)
 
 
 def _check_data(data, num_patches: int) -> None:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transfusion_jax.model_config import DiffusionSpec, ModelSpec
+from transfusion_jax.model_config import DiffusionSpec, from_section
 
 
 def cosine_alphas_cumprod(
@@ -48,9 +48,9 @@ class Diffusion:
 
     @classmethod
     def from_config(cls, cfg) -> "Diffusion":
-        """`from_spec` of a ConfigDict's spec (`ModelSpec.from_config`: resolved and checked),
-        for the call sites that hold a config."""
-        return cls.from_spec(ModelSpec.from_config(cfg).diffusion)
+        """`from_spec` of a config's `diffusion` section, for the call sites that hold a config
+        (it needs nothing resolved, so the rest of the config is not checked again)."""
+        return cls.from_spec(from_section(DiffusionSpec, cfg.diffusion))
 
     @property
     def alphas_cumprod(self) -> np.ndarray:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from transfusion_jax.config import resolve_model
 
 
-def _from_section(cls, section):
+def from_section(cls, section):
     """An instance of the spec dataclass `cls` from the ConfigDict section with its fields' names,
     each value converted to the field's annotated type (tuple[int, ...]: a tuple of ints)."""
     values = {}
@@ -135,10 +135,10 @@ class ModelSpec:
         (a bad value raises ValueError naming the config field)."""
         cfg = resolve_model(cfg)
         return cls(
-            transformer=_from_section(TransformerSpec, cfg.model),
-            image=_from_section(ImageSpec, cfg.image),
-            patch=_from_section(PatchSpec, cfg.patch),
-            diffusion=_from_section(DiffusionSpec, cfg.diffusion),
+            transformer=from_section(TransformerSpec, cfg.model),
+            image=from_section(ImageSpec, cfg.image),
+            patch=from_section(PatchSpec, cfg.patch),
+            diffusion=from_section(DiffusionSpec, cfg.diffusion),
         )
 
     @property

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transfusion_jax import attention
+from transfusion_jax.config import unet_attends, unet_attention_heads
 from transfusion_jax.layers import dense, fan_in_init, sharded
 from transfusion_jax.model_config import ModelSpec
 from transfusion_jax.patching import TimestepEmbedding
@@ -64,7 +65,7 @@ class SpatialSelfAttention(nnx.Module):
     """Full self-attention over the positions of one image: an image sees all of itself."""
 
     def __init__(self, c, head_dim, *, dt, rngs):
-        self.heads = max(1, c // head_dim)
+        self.heads = unet_attention_heads(c, head_dim)
         self.norm = _layer_norm(rngs, c, dt)
         self.qkv = dense(rngs, c, 3 * c, ("conv_in", "conv_out"), use_bias=True, **dt)
         self.out = dense(rngs, c, c, ("conv_in", "conv_out"), use_bias=True, scale=0.1, **dt)
@@ -87,8 +88,7 @@ class UNetPatching(nnx.Module):
         self.time = TimestepEmbedding(patch.time_embed_dim, temb_dim, **dt, rngs=rngs)
 
         def attn(c, level):
-            resolution = image.latent_size // 2**level
-            if resolution > patch.unet_attention_resolution:
+            if not unet_attends(image.latent_size, level, patch.unet_attention_resolution):
                 return None
             return SpatialSelfAttention(c, patch.unet_head_dim, dt=dt, rngs=rngs)
 
