@@ -7,14 +7,17 @@ import pytest
 
 from tests.helpers import random_batch, tiny_config
 from transfusion_jax.attention import (
+    KeyRanges,
     dot_product_attention,
     key_ranges,
     make_attention_mask,
     mask_from_key_ranges,
+    training_mask,
 )
 
 
-def brute_force_mask(segment_ids, image_ids):
+def brute_force_mask(segment_ids, image_ids, bidirectional_images=True):
+    """The rule, position by position; causal images: the same-image rule is simply gone."""
     b, length = segment_ids.shape
     mask = np.zeros((b, length, length), bool)
     for r in range(b):
@@ -24,24 +27,29 @@ def brute_force_mask(segment_ids, image_ids):
                     mask[r, q, k] = q == k
                 elif segment_ids[r, k] == segment_ids[r, q]:
                     same_image = image_ids[r, q] >= 0 and image_ids[r, q] == image_ids[r, k]
-                    mask[r, q, k] = k <= q or same_image
+                    mask[r, q, k] = k <= q or (bidirectional_images and same_image)
     return mask
 
 
+@pytest.mark.parametrize("bidirectional_images", [True, False], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("seed", range(4))
-def test_mask_matches_brute_force_on_random_layouts(seed):
+def test_mask_matches_brute_force_on_random_layouts(seed, bidirectional_images):
     rng = np.random.default_rng(seed)
     cfg = tiny_config(image__latent_size=4, image__max_images=3)  # 4 patches per image
     batch = random_batch(rng, cfg, batch_size=3, seq_len=48)
     assert (batch.image_ids >= 0).any() and (batch.segment_ids == 0).any()
     assert batch.segment_ids.max() >= 2, "want several documents in a row"
-    expected = brute_force_mask(batch.segment_ids, batch.image_ids)
-    got = np.asarray(
-        make_attention_mask(jnp.asarray(batch.segment_ids), jnp.asarray(batch.image_ids))
-    )
+    expected = brute_force_mask(batch.segment_ids, batch.image_ids, bidirectional_images)
+    seg, img = jnp.asarray(batch.segment_ids), jnp.asarray(batch.image_ids)
+    got = np.asarray(make_attention_mask(seg, img, bidirectional_images))
     np.testing.assert_array_equal(got, expected)
-    start, end = key_ranges(jnp.asarray(batch.segment_ids), jnp.asarray(batch.image_ids))
+    start, end = key_ranges(seg, img, bidirectional_images)
     np.testing.assert_array_equal(np.asarray(mask_from_key_ranges(start, end)), expected)
+    for implementation in ("xla", "tpu_flash"):  # the dense mask, and the kernels' key ranges
+        mask = training_mask(seg, img, implementation, bidirectional_images)
+        if isinstance(mask, KeyRanges):
+            mask = mask_from_key_ranges(*mask)
+        np.testing.assert_array_equal(np.asarray(mask), expected)
 
 
 def test_mask_on_a_hand_written_row():
@@ -56,6 +64,17 @@ def test_mask_on_a_hand_written_row():
     assert m[6, 7] and m[6, 5] and not m[6, 8]
     assert m[8].tolist() == [False] * 8 + [True], "padding sees only itself"
     assert not m[:8, 8].any(), "nobody sees padding"
+
+
+def test_causal_images_attend_like_text_on_a_hand_written_row():
+    seg = np.array([[1, 1, 1, 1, 1, 2, 2, 2, 0]])
+    img = np.array([[-1, -1, 0, 0, -1, -1, 1, 1, -1]])
+    m = np.asarray(make_attention_mask(jnp.asarray(seg), jnp.asarray(img), False))[0]
+    text = np.asarray(make_attention_mask(jnp.asarray(seg), jnp.full((1, 9), -1), True))[0]
+    np.testing.assert_array_equal(m, text)
+    assert m[3, 2] and not m[2, 3], "a patch sees earlier patches of its image, not later ones"
+    assert not m[6, 7] and m[7, 6]
+    assert m[8].tolist() == [False] * 8 + [True], "padding sees only itself"
 
 
 def reference_attention(q, k, v, mask):

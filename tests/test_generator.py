@@ -24,18 +24,23 @@ SHAPE = (8, 8, 4)  # 16 patches of 2x2
 
 
 @functools.cache
-def make_setup(kind):
+def make_setup(kind, image_attention="bidirectional"):
     cfg = tiny_config(patch__kind=kind, image__latent_size=8)
+    cfg.model.image_attention = image_attention
     model = Transfusion(cfg, nnx.Rngs(0))
     # The time conditioning must matter for the test to mean anything.
     assert np.abs(np.asarray(model.patching.time.fc2.kernel[...])).sum() > 0
     return model, Generator(model, Diffusion(), SPECIAL, SHAPE)
 
 
-@pytest.fixture(params=["linear", "unet"])
+@pytest.fixture(
+    params=[("linear", "bidirectional"), ("unet", "bidirectional"), ("linear", "causal")],
+    ids=lambda p: "-".join(p),
+)
 def setup(request):
-    """Both patch layers: for the tests that compare the cached path with the full forward."""
-    return make_setup(request.param)
+    """Both patch layers, and causal image attention (model.image_attention): for the tests that
+    compare the cached path with the full forward."""
+    return make_setup(*request.param)
 
 
 @pytest.fixture

@@ -73,6 +73,37 @@ def test_later_patch_changes_earlier_patches_of_its_image(setup):
     assert np.abs(pred_a[0, 0, :2, :2] - pred_b[0, 0, :2, :2]).max() > 1e-6
 
 
+@pytest.mark.parametrize("image_attention", ["bidirectional", "causal"])
+def test_image_attention_decides_whether_earlier_patches_see_later_ones(image_attention):
+    """model.image_attention: with "causal" the last patch of an image changes no output at an
+    earlier patch (hidden state, logits, diffusion prediction); with "bidirectional" it does.
+    Linear patching only: a U-Net encoder and decoder mix neighbouring patches by convolution."""
+    cfg = tiny_config(image__latent_size=8, model__image_attention=image_attention)
+    model = Transfusion(cfg, nnx.Rngs(0))
+    rows = two_document_rows(cfg)
+    _, logits_a, pred_a = run(model, cfg, rows)
+    perturbed = rows[0][0][1].latent.copy()
+    perturbed[-2:, -2:] += 1.0  # the last patch (raster order) of the image
+    rows[0][0][1] = Image(perturbed)
+    batch, logits_b, pred_b = run(model, cfg, rows)
+    image_pos = np.flatnonzero(np.asarray(batch.image_ids[0]) == 0)
+    k, g = cfg.image.patch_size, cfg.image.latent_size // cfg.image.patch_size
+
+    def patches(p):  # the first image's prediction per patch, raster order: [N, k * k * c]
+        return p[0, 0].reshape(g, k, g, k, -1).transpose(0, 2, 1, 3, 4).reshape(g * g, -1)
+
+    pred_moved = changed(patches(pred_a), patches(pred_b))
+    logits_moved = changed(logits_a[0], logits_b[0])
+    assert pred_moved[-1] and logits_moved[image_pos[-1]], "the changed patch itself must matter"
+    assert not logits_moved[: image_pos[0]].any(), "text before the image must not see it"
+    if image_attention == "causal":
+        assert not pred_moved[:-1].any(), "an earlier patch saw a later one"
+        assert not logits_moved[image_pos[:-1]].any()
+    else:
+        assert pred_moved[:-1].all(), "every patch sees the whole image"
+        assert logits_moved[image_pos].all()
+
+
 def test_image_changes_the_text_after_it_and_nothing_in_other_documents(setup):
     cfg, model = setup
     rows = two_document_rows(cfg)

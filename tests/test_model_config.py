@@ -68,12 +68,20 @@ def test_bad_values_raise_the_same_named_field_errors():
         (dict(image__patch_size=3), "image.patch_size"),
         (dict(model__num_kv_heads=3), "model.num_kv_heads"),
         (dict(diffusion__noise_limit=0), "diffusion.noise_limit"),
+        (dict(model__image_attention="full"), "model.image_attention"),
     ):
         with pytest.raises(ValueError, match=field) as from_spec:
             ModelSpec.from_config(tiny_config(**overrides))
         with pytest.raises(ValueError) as from_resolve:
             resolve_model(tiny_config(**overrides))
         assert str(from_spec.value) == str(from_resolve.value)
+
+
+def test_image_attention_reaches_the_spec():
+    assert ModelSpec.from_config(tiny_config()).transformer.bidirectional_images
+    spec = ModelSpec.from_config(tiny_config(model__image_attention="causal"))
+    assert spec.transformer.image_attention == "causal"
+    assert not spec.transformer.bidirectional_images
 
 
 def param_tree(model_or_factory):

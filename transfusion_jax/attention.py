@@ -4,7 +4,9 @@ The rule: a query attends to a key of the same document when the key is not late
 or when both positions belong to the same image (bidirectional inside an image). Documents never see
 each other, and padding is isolated. Because documents and images are contiguous runs, the allowed
 keys of each query are one interval `[doc_start, text ? q + 1 : image_end)`: that is the form fast
-kernels take, and `key_ranges` computes it.
+kernels take, and `key_ranges` computes it. With `model.image_attention = "causal"` (the paper's
+Table 5 ablation, `bidirectional_images=False` here) patches attend like text: the mask is built
+with every position treated as text, so the kernels (which only read key ranges) are unchanged.
 
 Implementations (`model.attention`): `xla` (dense masked softmax, any backend), `cudnn` (cuDNN's
 fused attention with the dense mask as a bias), `tpu_flash` / `gpu_flash` (the Pallas kernels of
@@ -22,6 +24,7 @@ from jax.sharding import PartitionSpec
 
 IMPLEMENTATIONS = ("xla", "cudnn", "tpu_flash", "gpu_flash", "auto")
 FLASH = ("tpu_flash", "gpu_flash")
+IMAGE_ATTENTION = ("bidirectional", "causal")  # model.image_attention
 
 
 class KeyRanges(NamedTuple):
@@ -41,22 +44,36 @@ def resolve_implementation(name: str, backend: str | None = None) -> str:
     return {"tpu": "tpu_flash", "gpu": "gpu_flash"}.get(backend, "xla")
 
 
-def training_mask(segment_ids: jax.Array, image_ids: jax.Array, implementation: str):
+def training_mask(
+    segment_ids: jax.Array,
+    image_ids: jax.Array,
+    implementation: str,
+    bidirectional_images: bool = True,
+):
     """The mask of a whole packed batch in the form `implementation` consumes."""
     if resolve_implementation(implementation) in FLASH:
-        return KeyRanges(*key_ranges(segment_ids, image_ids))
-    return make_attention_mask(segment_ids, image_ids)
+        return KeyRanges(*key_ranges(segment_ids, image_ids, bidirectional_images))
+    return make_attention_mask(segment_ids, image_ids, bidirectional_images)
 
 
-def make_attention_mask(segment_ids: jax.Array, image_ids: jax.Array) -> jax.Array:
+def _mask_image_ids(image_ids: jax.Array, bidirectional_images: bool) -> jax.Array:
+    """The image ids the mask reads: all -1 (every position attends like text) when images are
+    causal."""
+    return image_ids if bidirectional_images else jnp.full_like(image_ids, -1)
+
+
+def make_attention_mask(
+    segment_ids: jax.Array, image_ids: jax.Array, bidirectional_images: bool = True
+) -> jax.Array:
     """bool [B, L, L]: `[b, q, k]` is True iff query q may attend key k.
 
     segment_ids: int [B, L], the document of each position, 0 for padding.
     image_ids: int [B, L], -1 for text, else an id of the image the position belongs to (unique in
-    the row). Real queries attend keys of their own document that are not later, or that lie in the
-    same image; no real query sees padding; a padding query attends only to itself (so its softmax
-    is defined and it cannot disturb anything).
+    the row). Real queries attend keys of their own document that are not later, or (with
+    `bidirectional_images`) that lie in the same image; no real query sees padding; a padding
+    query attends only to itself (so its softmax is defined and it cannot disturb anything).
     """
+    image_ids = _mask_image_ids(image_ids, bidirectional_images)
     seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
     img_q, img_k = image_ids[:, :, None], image_ids[:, None, :]
     length = segment_ids.shape[1]
@@ -69,12 +86,17 @@ def make_attention_mask(segment_ids: jax.Array, image_ids: jax.Array) -> jax.Arr
     return (real & (causal | same_image)) | padding_self
 
 
-def key_ranges(segment_ids: jax.Array, image_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+def key_ranges(
+    segment_ids: jax.Array, image_ids: jax.Array, bidirectional_images: bool = True
+) -> tuple[jax.Array, jax.Array]:
     """Per-query allowed keys as half-open intervals: (start, end), int32 [B, L] each.
 
-    Equal to `make_attention_mask` when every document and every image is a contiguous run of
-    positions (what the batch builder produces). A padding query gets [q, q + 1).
+    Equal to `make_attention_mask` (with the same `bidirectional_images`) when every document and
+    every image is a contiguous run of positions (what the batch builder produces). A padding
+    query gets [q, q + 1). Causal images need no kernel change: their ranges are text's
+    `[doc_start, q + 1)`, and the kernels are tested against `xla` on arbitrary ranges.
     """
+    image_ids = _mask_image_ids(image_ids, bidirectional_images)
     _, length = segment_ids.shape
     pos = jnp.arange(length, dtype=jnp.int32)[None, :]
     new_doc = jnp.concatenate(

@@ -9,18 +9,26 @@ documented once, here, by the comment on (or just above) its line.
 import importlib.resources
 import importlib.util
 import inspect
+import itertools
 import math
 import pathlib
 import re
 
 import ml_collections
 
-from transfusion_jax.attention import IMPLEMENTATIONS
+from transfusion_jax.attention import IMAGE_ATTENTION, IMPLEMENTATIONS
 
 
 def llama_ffn_dim(d_model: int) -> int:
     """The Llama-2 FFN width rule, 256 * ceil(8d / 3 / 256): 768 -> 2048, 4096 -> 11008."""
     return 256 * math.ceil(8 * d_model / 3 / 256)
+
+
+# The paper's classifier-free guidance scales: 3 in its ablations, 5 in the comparison with
+# Chameleon (Table 3). The ablation scale is the default everywhere (eval.cfg_scale, `Pipeline`,
+# `python -m transfusion_jax.sample --cfg_scale`); pass the comparison scale where it applies.
+CFG_SCALE_ABLATION = 3.0
+CFG_SCALE_CHAMELEON_COMPARISON = 5.0
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -46,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
     # The attention implementation: xla, cudnn, tpu_flash, gpu_flash, or auto (the flash kernel of
     # TPUs and GPUs, xla on CPUs). See transfusion_jax/attention.py.
     c.model.attention = "auto"
+    # "bidirectional": a patch sees its whole image (the paper); "causal": like text (Table 5).
+    c.model.image_attention = "bidirectional"
 
     c.image = ml_collections.ConfigDict()
     # h = w of one image's latent (256 px / 8 for the paper's VAE); 0 = follow the data (in pixel
@@ -53,7 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.image.latent_size = 32
     c.image.latent_channels = 8  # 0 = follow the data (in pixel space: 3, RGB).
     c.image.patch_size = 2  # k: each k x k latent window is one sequence position.
-    c.image.max_images = 1  # Image slots per packed row (M); unused slots are masked.
+    # Image slots per packed row (M); unused slots are masked, but the patch layers (and a VAE
+    # encoding pixels on the devices) still run on them. 0 = derived, `derived_max_images`: as
+    # many as the shortest image documents a row holds, so slots never close a row early.
+    c.image.max_images = 0
     # data.latents = "vae": a diffusers AutoencoderKL directory or a train_vae workdir.
     c.image.vae_path = ""
     # Train on a posterior sample z ~ N(mean, var) (latent diffusion's choice) or on the mean.
@@ -63,7 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.patch.kind = "linear"  # "linear" (the paper's main variant) or "unet".
     c.patch.time_embed_dim = 256  # Width of the sinusoidal timestep features.
     # U-Net only: one width per resolution level; log2(patch_size) + 1 levels are used.
-    # (640, 1280) at 2x2 patches gives the paper's ~0.27B U-Net.
+    # (640, 1280) at 2x2 patches gives the paper's ~0.27B U-Net; more levels add parameters
+    # (`matched_unet_channels`: widths of one U-Net size at every patch size).
     c.patch.unet_channels = (640, 1280, 1280, 1280)
     c.patch.unet_blocks = 2  # ResNet blocks per level (the paper's "2-block" U-Net).
     # Self-attention after each ResNet block at levels of at most this many pixels a side (full
@@ -128,9 +142,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tfds_data_dir = ""  # "" = TFDS's default (~/tensorflow_datasets).
     c.data.tfds_image_key = "image"  # tfds: the image feature.
     c.data.tfds_caption_key = "captions/text"  # "/" reaches into nested features.
-    c.data.text_path = ""  # .txt / .jsonl corpus (file or directory) of text-only documents.
+    # .txt / .jsonl corpus (file or directory) of text-only documents; set beside an image source,
+    # they are mixed in at data.text_ratio.
+    c.data.text_path = ""
     c.data.text_ratio = 1.0  # Text-only positions per image-caption position (the paper: 1:1).
     c.data.tokenizer = "bytes"  # "bytes", "sentencepiece:PATH" or "tiktoken:PATH".
+    # "paper": warn at start where the data departs from the paper's recipe (no data.text_path
+    # for the 1:1 text mix, the bytes tokenizer for a Llama-2 vocabulary); "" = no such warnings.
+    c.data.recipe = ""
     c.data.image_size = 256  # Images are resized (short side) and centre-cropped to this.
     # What the model sees of an image: "pixels", or "vae" (the latents of image.vae_path,
     # normalised; encoded on the training devices, or read from a latent cache).
@@ -153,7 +172,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 16  # Examples per batch of generation or scoring.
     c.eval.seed = 0  # Noise and sampling of every suite: evaluations of one run compare.
     c.eval.sampling_steps = 50  # Denoising steps of the generating suites.
-    c.eval.cfg_scale = 3.0  # Classifier-free guidance of the generating suites.
+    # Classifier-free guidance of the generating suites: the paper's ablation scale, 3 (5 in
+    # its Chameleon comparison: CFG_SCALE_CHAMELEON_COMPARISON).
+    c.eval.cfg_scale = CFG_SCALE_ABLATION
     # The diffusion suite's fixed grid of noise levels, as fractions of diffusion.num_timesteps.
     c.eval.diffusion_levels = (0.05, 0.25, 0.5, 0.75, 0.95)
     c.eval.text_path = ""  # text suite: a held-out .txt/.jsonl (default: data.text_path's split).
@@ -203,6 +224,11 @@ def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "model.attention",
         "cudnn attention needs model.dtype bfloat16 or float16",
     )
+    _check(
+        m.image_attention in IMAGE_ATTENTION,
+        "model.image_attention",
+        f"{m.image_attention!r} is not one of {IMAGE_ATTENTION}",
+    )
     k = im.patch_size
     _check(k in (1, 2, 4, 8), "image.patch_size", f"{k} is not one of 1, 2, 4, 8")
     _check(
@@ -210,6 +236,9 @@ def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "image.latent_size",
         f"{im.latent_size} is not a multiple of image.patch_size={k}",
     )
+    if im.max_images == 0:
+        _check("data" in cfg, "image.max_images", "0 (derived) needs the data section's seq_len")
+        im.max_images = derived_max_images(cfg.data, (im.latent_size // k) ** 2)
     _check(im.max_images >= 1, "image.max_images", "needs at least one image slot per row")
     _check(p.kind in ("linear", "unet"), "patch.kind", f"{p.kind!r} is not 'linear' or 'unet'")
     if p.kind == "unet":
@@ -217,7 +246,9 @@ def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _check(
             len(p.unet_channels) >= levels,
             "patch.unet_channels",
-            f"patch_size={k} needs {levels} widths, got {tuple(p.unet_channels)}",
+            f"patch_size={k} needs {levels} widths, got {tuple(p.unet_channels)} (for a U-Net "
+            f"of about the same size: config.matched_unet_channels; configs/paper.py takes the "
+            f"patch size in its argument, e.g. paper:0.76b,unet,p{k})",
         )
     d = cfg.diffusion
     _check(
@@ -261,6 +292,166 @@ def unet_attends(latent_size: int, level: int, attention_resolution: int) -> boo
 def unet_attention_heads(width: int, head_dim: int) -> int:
     """Heads of the U-Net's attention over `width` channels (`patch.unet_head_dim` each)."""
     return max(1, width // head_dim)
+
+
+def derived_max_images(data, num_patches: int) -> int:
+    """image.max_images = 0: slots for as many image documents as a row of data.seq_len holds.
+
+    The shortest image document is `BOS BOI patches EOI EOS` (its caption dropped for guidance),
+    num_patches + 4 positions, so no row holds more than seq_len // (num_patches + 4) images, and
+    with that many slots first-fit packing closes a row only when its positions run out, at every
+    patch size. A fixed count does not scale with the patches: 8 slots of 4x4-patch images (64
+    positions each) fill 544 of 4096 positions, and without text to fill the rest the row is
+    mostly padding. The price of static shapes: every slot runs through the patch layers (and
+    through the VAE where it encodes pixels on the devices), used or not. A text-only source has
+    no images: 1 slot."""
+    if data.source == "text":
+        return 1
+    return max(1, data.seq_len // (num_patches + 4))
+
+
+def unet_parameter_count(
+    widths,
+    *,
+    blocks: int,
+    latent_size: int,
+    latent_channels: int,
+    attention_resolution: int,
+    time_embed_dim: int,
+    d_model: int,
+) -> int:
+    """Parameters of `unet.UNetPatching` with these level widths, from its layer shapes (nothing
+    is built; tests/test_ablation_configs.py checks it against the module under eval_shape)."""
+    temb = 4 * widths[0]
+    n = time_embed_dim * temb + temb + temb * temb + temb  # the timestep MLP
+    n += 9 * latent_channels * widths[0] + widths[0]  # conv_in
+
+    def res_block(c_in, c_out):  # norm1, conv1, time, norm2, conv2 and a 1x1 skip conv
+        skip = c_in * c_out + c_out if c_in != c_out else 0
+        return 2 * c_in + 9 * c_in * c_out + (temb + 5) * c_out + 9 * c_out**2 + skip
+
+    def attention(c, level):  # norm, qkv, out
+        return 4 * c * c + 6 * c if unet_attends(latent_size, level, attention_resolution) else 0
+
+    c, skips = widths[0], []
+    for level, width in enumerate(widths):
+        for _ in range(blocks):
+            n += res_block(c, width) + attention(width, level)
+            c = width
+            skips.append(c)
+        if level < len(widths) - 1:
+            n += 9 * c * c + c  # downsample
+    n += 2 * c * d_model + d_model + c  # to_tokens, from_tokens
+    for level in reversed(range(len(widths))):
+        for _ in range(blocks):
+            n += res_block(c + skips.pop(), widths[level]) + attention(widths[level], level)
+            c = widths[level]
+        if level > 0:
+            n += 9 * c * c + c  # upsample
+    return n + 2 * c + 9 * c * latent_channels + latent_channels  # norm_out, conv_out
+
+
+def matched_unet_channels(
+    cfg: ml_collections.ConfigDict,
+    patch_size: int,
+    reference_patch_size: int = 2,
+    multiple: int = 0,
+) -> tuple[int, ...]:
+    """U-Net widths for `patch_size` with about the parameters the config's U-Net has at
+    `reference_patch_size`, so that a patch-size ablation (the paper's Table 6, a ~0.27B U-Net at
+    every patch size) compares U-Nets of one size.
+
+    The U-Net has log2(patch_size) + 1 levels, the first of `patch.unet_channels`, so the levels a
+    larger patch adds add parameters. This keeps the shape of those widths and scales them all by
+    the one factor that gives the reference's `unet_parameter_count` (the config's blocks, latent
+    and model width), then rounds each to a multiple of `multiple` (default `patch.unet_head_dim`,
+    so attention heads divide evenly): of the roundings within 1% of the reference's count (else
+    the nearest), the closest to the scaled widths. At `reference_patch_size` it is the reference
+    widths themselves. The config's latent must be known (pixel space follows data.image_size).
+    At the tiny scale widths are a few multiples of the head size: give `multiple=8`."""
+    p, im = cfg.patch, cfg.image
+    pixels = cfg.data.latents == "pixels"
+    size = im.latent_size or (cfg.data.image_size if pixels else 0)
+    channels = im.latent_channels or (3 if pixels else 0)
+    _check(size > 0 and channels > 0, "image.latent_size", "give the VAE's latent size, channels")
+    for k in (patch_size, reference_patch_size):
+        _check(k in (1, 2, 4, 8), "image.patch_size", f"{k} is not one of 1, 2, 4, 8")
+    reference, levels = tuple(p.unet_channels), int(math.log2(patch_size)) + 1
+    reference_levels = int(math.log2(reference_patch_size)) + 1
+    _check(
+        len(reference) >= reference_levels,
+        "patch.unet_channels",
+        f"patch_size={reference_patch_size} needs {reference_levels} widths, got {reference}",
+    )
+    if patch_size == reference_patch_size:
+        return reference[:levels]
+    shape = (reference + reference[-1:] * levels)[:levels]  # too few widths: repeat the last
+    multiple = multiple or p.unet_head_dim
+
+    def count(widths):
+        return unet_parameter_count(
+            widths,
+            blocks=p.unet_blocks,
+            latent_size=size,
+            latent_channels=channels,
+            attention_resolution=p.unet_attention_resolution,
+            time_embed_dim=p.time_embed_dim,
+            d_model=cfg.model.d_model,
+        )
+
+    def allowed(widths):  # attention heads divide the width; no width falls where shape rises
+        heads = all(
+            not unet_attends(size, level, p.unet_attention_resolution)
+            or width % unet_attention_heads(width, p.unet_head_dim) == 0
+            for level, width in enumerate(widths)
+        )
+        return heads and all(
+            widths[i] <= widths[i + 1] for i in range(levels - 1) if shape[i] <= shape[i + 1]
+        )
+
+    # The scale at which the unrounded widths have the reference's count (it grows with scale).
+    target, low, high = count(reference[:reference_levels]), 1 / 64, 64.0
+    for _ in range(60):
+        scale = math.sqrt(low * high)
+        low, high = (scale, high) if count([scale * w for w in shape]) < target else (low, scale)
+    ideal = [scale * w for w in shape]
+    # Each width rounded to one of the 4 multiples around it; of those allowed and within 1% of
+    # the target (else the nearest count), the nearest to the ideal widths.
+    near = [[multiple * (math.floor(w / multiple) + j) for j in (-1, 0, 1, 2)] for w in ideal]
+    candidates = [
+        widths for widths in itertools.product(*near) if min(widths) >= multiple and allowed(widths)
+    ]
+    _check(bool(candidates), "patch.unet_head_dim", f"no widths in multiples of {multiple} fit")
+    errors = {widths: abs(count(widths) / target - 1) for widths in candidates}
+    tolerance = max(0.01, min(errors.values()))
+
+    def distance(widths):
+        return sum(abs(math.log(w / x)) for w, x in zip(widths, ideal, strict=True))
+
+    return min((w for w in candidates if errors[w] <= tolerance), key=distance)
+
+
+def data_recipe_warnings(cfg: ml_collections.ConfigDict) -> list[str]:
+    """Where a data.recipe = "paper" run departs from the paper's data in what the user must
+    supply (a text corpus, the Llama-2 tokenizer): one line each, which the trainer prints at
+    start. The synthetic benchmark source reads no data: none."""
+    d = cfg.data
+    if d.get("recipe", "") != "paper" or d.source == "synthetic":
+        return []
+    warnings = []
+    if d.source != "text" and not d.text_path:
+        warnings.append(
+            "data.text_path is not set: the paper mixes text-only documents 1:1 "
+            "(data.text_ratio) with the image-caption ones, and this run sees image-caption "
+            "documents only; give a corpus with --config.data.text_path=PATH (.txt / .jsonl)"
+        )
+    if d.tokenizer == "bytes" and cfg.model.vocab_size >= 32_000:  # not a byte-sized vocabulary
+        warnings.append(
+            f"data.tokenizer is 'bytes' against model.vocab_size={cfg.model.vocab_size}, the "
+            f"size of the paper's Llama-2 SentencePiece tokenizer; give it with "
+            f"--config.data.tokenizer=sentencepiece:PATH/tokenizer.model"
+        )
+    return warnings
 
 
 def _check_data(data, num_patches: int) -> None:

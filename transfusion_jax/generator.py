@@ -4,8 +4,9 @@ A `Context` is a batch of growing documents, one per row, held as the keys and v
 layer. Three primitives move it forward, all through the same model pieces as training:
 - `append_tokens`: text positions, causal, committed to the cache;
 - `predict_image`: one image's N positions at noise level t, attending to the cached prefix and
-  bidirectionally among themselves; nothing is committed, so every denoising step costs N
-  positions, not the whole sequence;
+  bidirectionally among themselves (causally with `model.image_attention = "causal"`, as in
+  training); nothing is committed, so every denoising step costs N positions, not the whole
+  sequence;
 - `append_image`: a finished (or given) image enters the context clean, t = 0, through the same
   patch encoder (one rule for images in context), and is committed.
 Classifier-free guidance keeps a second context holding exactly the training-time dropped-caption
@@ -113,14 +114,14 @@ def append_tokens(model, ctx: Context, tokens: jax.Array, counts: jax.Array) -> 
 def predict_image(model, ctx: Context, x_t: jax.Array, t: jax.Array) -> jax.Array:
     """The model's prediction (epsilon or velocity) for images x_t [B, h, w, c] at t [B]."""
     tokens, context = model.patching.encode(x_t[:, None], t[:, None])
-    h, _ = _run(model, ctx, tokens[:, 0], bidirectional=True)
+    h, _ = _run(model, ctx, tokens[:, 0], bidirectional=model.bidirectional_images)
     return model.patching.decode(h[:, None], context)[:, 0]
 
 
 def append_image(model, ctx: Context, image: jax.Array, commit: jax.Array) -> Context:
     """Commits a clean image [B, h, w, c] (t = 0) for the rows where `commit` [B] is True."""
     tokens, _ = model.patching.encode(image[:, None], jnp.zeros(image.shape[:1] + (1,)))
-    _, new = _run(model, ctx, tokens[:, 0], bidirectional=True)
+    _, new = _run(model, ctx, tokens[:, 0], bidirectional=model.bidirectional_images)
     n = tokens.shape[2]
     keep = commit[None, :, None, None, None]
     return ctx.replace(

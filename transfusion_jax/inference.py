@@ -31,7 +31,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from transfusion_jax.checkpoint import restore_trained
-from transfusion_jax.config import base_config, resolve_model
+from transfusion_jax.config import CFG_SCALE_ABLATION, base_config, resolve_model
 from transfusion_jax.data.images import load_image, to_uint8
 from transfusion_jax.data.tokenizer import make_tokenizer
 from transfusion_jax.diffusion import Diffusion
@@ -97,7 +97,7 @@ class Pipeline:
         prompts,
         num_per_prompt: int = 1,
         steps: int = 250,
-        cfg_scale: float = 3.0,
+        cfg_scale: float = CFG_SCALE_ABLATION,
         sampler: str | None = None,
         seed: int = 0,
         progress: bool = False,
@@ -155,7 +155,7 @@ class Pipeline:
         top_p: float = 1.0,
         max_images: int = 1,
         steps: int = 250,
-        cfg_scale: float = 3.0,
+        cfg_scale: float = CFG_SCALE_ABLATION,
         sampler: str | None = None,
         seed: int = 0,
     ) -> list:

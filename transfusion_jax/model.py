@@ -35,6 +35,7 @@ class Transfusion(nnx.Module):
         self.max_images = spec.image.max_images
         self.depth, self.compute_dtype = transformer_spec.depth, transformer_spec.dtype
         self.attention = transformer_spec.attention
+        self.bidirectional_images = transformer_spec.bidirectional_images
         self.num_patches = spec.num_patches
         dtypes = transformer_spec.layer_dtypes
         self.embed = nnx.Embed(
@@ -78,7 +79,9 @@ class Transfusion(nnx.Module):
         )
         x = jnp.where(batch.image_ids[..., None] >= 0, from_image, self.embed(batch.tokens))
 
-        mask = training_mask(batch.segment_ids, batch.image_ids, self.attention)
+        mask = training_mask(
+            batch.segment_ids, batch.image_ids, self.attention, self.bidirectional_images
+        )
         h = self.transformer(x, batch.positions, mask)
 
         logits = self.logits(h)

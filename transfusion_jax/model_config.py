@@ -54,6 +54,7 @@ class TransformerSpec:
     dtype: str
     remat_policy: str
     attention: str
+    image_attention: str  # "bidirectional" or "causal"
 
     @property
     def layer_dtypes(self) -> dict:
@@ -65,6 +66,11 @@ class TransformerSpec:
         """Init scale of the projections that write into the residual stream (attention output,
         MLP down): outputs shrink with depth, GPT-2 style."""
         return 1.0 / (2 * self.depth)
+
+    @property
+    def bidirectional_images(self) -> bool:
+        """Patches attend to every patch of their image (else causally, like text)."""
+        return self.image_attention == "bidirectional"
 
 
 @dataclasses.dataclass(frozen=True)

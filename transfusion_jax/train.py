@@ -26,7 +26,7 @@ from ml_collections import config_flags
 from transfusion_jax import cli
 from transfusion_jax import sharding as shd
 from transfusion_jax.checkpoint import Checkpointer
-from transfusion_jax.config import base_config, resolve_model
+from transfusion_jax.config import base_config, data_recipe_warnings, resolve_model
 from transfusion_jax.data import make_source
 from transfusion_jax.evaluation import HEADLINE_METRICS
 from transfusion_jax.evaluation.evaluator import Evaluator
@@ -233,6 +233,8 @@ class TransfusionTask:
         self.units_per_step = cfg.train.batch_size * cfg.data.seq_len
         self.flops_per_unit = model_flops_per_token(cfg, cfg.data.seq_len, self.counts)
         self.evaluator = None
+        for warning in data_recipe_warnings(cfg):  # a paper config without the paper's data
+            log(f"warning: {warning}")
         self.suites = []  # the eval suites that have held-out data to read
         for suite in eval_suites(cfg):
             why = why_not(cfg, suite)

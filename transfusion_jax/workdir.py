@@ -113,6 +113,7 @@ RESUMABLE_KEYS = (
     "data.path",  # the same data at a new place (a new machine, another mount): warned
     "data.text_path",
     "data.tfds_data_dir",
+    "data.recipe",  # start-up warnings only
 )
 
 
