@@ -5,7 +5,10 @@ runs a command line or generates through a trained model is marked slow, here by
 name, so the marks sit in one place.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -13,6 +16,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
+
+# One persistent compilation cache for the session, its processes and the commands it runs
+# (they inherit the environment): the many runs of the same tiny configs (a resume, a reference
+# run, a second command on one checkpoint) compile each program once. A hit returns the
+# executable that compiling the same program with the same flags gives, so no test sees a
+# difference but time. Removed when the session ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="transfusion-jax-test-compile-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 SLOW_MODULES = {
     "test_cli",
@@ -81,6 +94,20 @@ SLOW_TESTS = {
 # Parametrized cases kept out of the fast subset (the other cases of those tests stay in it):
 # the U-Net variants of the model's invariance tests, big attention shapes, most solver cases.
 SLOW_CASES = ("[unet]", "test_xla_attention_matches_jax_reference[4]", "recovers_gaussian[ddpm")
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes_run(tmp_path_factory):
+    """tests.helpers.tiny_shapes_config() trained on 2 devices (fsdp): one freshly trained run
+    that test_sample_cli and test_evaluate_cli read (a test that writes into a run copies it)."""
+    import jax
+
+    from tests.helpers import tiny_shapes_config
+    from transfusion_jax.train import train
+
+    workdir = tmp_path_factory.mktemp("tiny_shapes_run")
+    train(tiny_shapes_config(), workdir, devices=jax.devices()[:2])
+    return workdir
 
 
 def pytest_collection_modifyitems(items):

@@ -24,6 +24,20 @@ def tiny_config(**overrides):
     return cfg
 
 
+def tiny_shapes_config(**train_overrides):
+    """configs/tiny.py (its U-Net, on the shapes data) shrunk to train in seconds: 16 px images in
+    4x4 patches, width 64, depth 2, 6 steps with EMA weights; small evaluation sizes."""
+    cfg = load_config(str(ROOT / "configs" / "tiny.py"))
+    cfg.model.update(d_model=64, depth=2)
+    cfg.image.update(latent_size=16, patch_size=4)
+    cfg.data.update(image_size=16, seq_len=128, pack_window=16)
+    cfg.train.update(num_steps=6, log_every=2, checkpoint_every=6, eval_every=0, ema_decay=0.9)
+    cfg.train.update(**train_overrides)
+    cfg.eval.update(num_examples=4, batch_size=4, sampling_steps=2)
+    cfg.mesh.fsdp = -1
+    return cfg
+
+
 def latent(rng, cfg):
     s, c = cfg.image.latent_size, cfg.image.latent_channels
     return rng.normal(size=(s, s, c)).astype(np.float32)

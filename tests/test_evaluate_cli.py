@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,22 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, tiny_shapes_config
 from transfusion_jax import evaluate as evaluate_cli
-from transfusion_jax.config import load_config
 from transfusion_jax.train import train
-
-
-def tiny_run_config(**train_overrides):
-    cfg = load_config(str(ROOT / "configs" / "tiny.py"))
-    cfg.model.update(d_model=64, depth=2)
-    cfg.image.update(latent_size=16, patch_size=4)
-    cfg.data.update(image_size=16, seq_len=128, pack_window=16)
-    cfg.train.update(num_steps=6, log_every=2, checkpoint_every=6, eval_every=0)
-    cfg.train.update(**train_overrides)
-    cfg.eval.update(num_examples=4, batch_size=4, sampling_steps=2)
-    cfg.mesh.fsdp = -1
-    return cfg
 
 
 def records(workdir):
@@ -32,11 +20,13 @@ def records(workdir):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The same run without and with evaluation every 2 steps (on 2 devices)."""
-    plain, evaluated = tmp_path_factory.mktemp("plain"), tmp_path_factory.mktemp("evaluated")
-    train(tiny_run_config(), plain, devices=jax.devices()[:2])
-    cfg = tiny_run_config(eval_every=2, eval_suites="diffusion,text,shapes")
+def runs(tiny_shapes_run, tmp_path_factory):
+    """The same run without (the shared tiny_shapes_run, copied: the tests write into it) and
+    with evaluation every 2 steps, both on 2 devices."""
+    plain = tmp_path_factory.mktemp("plain") / "run"
+    shutil.copytree(tiny_shapes_run, plain)
+    evaluated = tmp_path_factory.mktemp("evaluated")
+    cfg = tiny_shapes_config(eval_every=2, eval_suites="diffusion,text,shapes")
     train(cfg, evaluated, devices=jax.devices()[:2])
     return plain, evaluated
 

@@ -16,25 +16,17 @@ from PIL import Image
 from tests.helpers import ROOT
 from transfusion_jax import Pipeline
 from transfusion_jax import sample as sample_cli
-from transfusion_jax.config import load_config
 from transfusion_jax.data import shapes
 from transfusion_jax.data.images import load_image, to_uint8
 from transfusion_jax.generator import SamplingOptions
 from transfusion_jax.quickstart import evaluate
-from transfusion_jax.train import train
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    cfg = load_config(str(ROOT / "configs" / "tiny.py"))
-    cfg.model.update(d_model=64, depth=2)
-    cfg.image.update(latent_size=16, patch_size=4)
-    cfg.data.update(image_size=16, seq_len=128, pack_window=16)
-    cfg.train.update(num_steps=6, log_every=3, checkpoint_every=6, ema_decay=0.9)
-    cfg.mesh.fsdp = 1
-    train(cfg, workdir, devices=jax.devices()[:1])
-    return workdir
+def trained(tiny_shapes_run):
+    """The shared tiny run of the shapes data (tests.helpers.tiny_shapes_config: 6 steps on 2
+    devices, with EMA weights), which the evaluate tests read too."""
+    return tiny_shapes_run
 
 
 def run(*args):
@@ -167,9 +159,10 @@ def test_the_readme_pipeline_example_runs(trained, tmp_path, monkeypatch):
 def test_pipeline_matches_the_generator_it_wraps(trained):
     pipe = Pipeline.from_workdir(trained)
     prompt = "a small red circle"
-    drawn = pipe.text_to_image([prompt, prompt], steps=3, cfg_scale=2.0, seed=5)
+    # 2 prompts, 3 steps at the default guidance scale (3): the README example's compiled sampler
+    drawn = pipe.text_to_image([prompt, prompt], steps=3, seed=5)
     tokens = [pipe.tokenizer.special.bos, *pipe.tokenizer.encode(prompt)]
-    options = SamplingOptions(max_new_tokens=1, steps=3, cfg_scale=2.0, sampler="ddpm", clip_x0=1.0)
+    options = SamplingOptions(max_new_tokens=1, steps=3, cfg_scale=3.0, sampler="ddpm", clip_x0=1.0)
     direct = pipe.generator.generate([tokens] * 2, jax.random.key(5), options, force_image=True)
     for image, row in zip(drawn, direct.images, strict=True):
         np.testing.assert_array_equal(np.asarray(image), to_uint8(row[0]))

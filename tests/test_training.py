@@ -248,21 +248,24 @@ def test_lm_loss_after_image_is_the_captions_share_under_accumulation():
     cfg = small_config()
     program = one_device_program(cfg)
     state = program.init_state(0)
-    model = program.model(state.params)
     rng_key = jax.random.key(3)
-    _, metrics = program.loss(state.params, batch, rng_key)
+    _, metrics = jax.jit(program.loss)(state.params, batch, rng_key)  # jitted: one compile
     caption = np.zeros(batch.tokens.shape, bool)  # EOI -> first caption token .. last -> EOS
     for r in range(4):
         eoi = int(np.flatnonzero(np.asarray(batch.tokens[r]) == SPECIAL.eoi)[0])
         caption[r, eoi : eoi + 6 + r + 1] = True
 
-    def caption_ce(rows, key):
-        """Summed cross-entropy of the caption targets of `rows`, drawn as the loss draws."""
-        part = jax.tree.map(lambda x: x[rows], batch)
+    @jax.jit
+    def terms_of(params, part, key):
         t_rng, noise_rng = jax.random.split(key)
         t = program.diffusion.sample_timesteps(t_rng, part.noise_limited)
         noise = jax.random.normal(noise_rng, part.latents.shape)
-        terms = loss_terms(model, part, t, noise, program.diffusion)
+        return loss_terms(program.model(params), part, t, noise, program.diffusion)
+
+    def caption_ce(rows, key):
+        """Summed cross-entropy of the caption targets of `rows`, drawn as the loss draws."""
+        part = jax.tree.map(lambda x: x[rows], batch)
+        terms = terms_of(state.params, part, key)
         assert (caption[rows] <= np.asarray(terms["token_mask"])).all()
         return float(np.asarray(terms["token_ce"])[caption[rows]].sum())
 
@@ -348,7 +351,8 @@ def test_wandb_logging_continues_one_run_per_workdir(tmp_path, monkeypatch):
     )
     monkeypatch.setitem(sys.modules, "wandb", fake)
     cfg = small_config()
-    cfg.train.update(num_steps=4, log_every=2, checkpoint_every=2, wandb_project="proj")
+    # 6 steps, as small_config's other runs (the same compiled step)
+    cfg.train.update(num_steps=6, log_every=2, checkpoint_every=2, wandb_project="proj")
     train(cfg, tmp_path, stop_at_step=2)
     train(cfg, tmp_path)
     inits = [c[1] for c in calls if c[0] == "init"]
@@ -356,6 +360,6 @@ def test_wandb_logging_continues_one_run_per_workdir(tmp_path, monkeypatch):
     assert all(i["resume"] == "allow" for i in inits)
     logged = [(c[1], c[2]) for c in calls if c[0] == "log"]
     records = read_metrics(tmp_path)
-    assert [s for s, _ in logged] == [r["step"] for r in records] == [2, 4]
+    assert [s for s, _ in logged] == [r["step"] for r in records] == [2, 4, 6]
     assert logged[-1][1]["loss"] == records[-1]["loss"]
     assert [c[0] for c in calls].count("finish") == 2
