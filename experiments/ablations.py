@@ -53,6 +53,10 @@ METRICS = {
     "shapes/text_to_image_accuracy": ("t2i acc", True),
     "shapes/captioning_accuracy": ("caption acc", True),
     "captions/cider": ("CIDEr", True),
+    # the caption's loss given its own image, and how much worse given another image: continuous
+    # captioning measures that still separate arms whose exact scores sit at the floor
+    "captions/nll": ("caption nll", False),
+    "captions/image_information": ("image info", True),
     "images/fid": ("FID", False),
     "images/clip_score": ("CLIP", True),
     "diffusion/val_loss": ("diffusion loss", False),
@@ -199,7 +203,7 @@ def table_arms(table: int, scale: Scale) -> tuple[list[Arm], list[Trend]]:
         ]
         trends = [
             Trend("linear-bidirectional", "linear-causal", m)
-            for m in ("images/fid", "captions/cider", "diffusion/val_loss")
+            for m in ("images/fid", "captions/cider", "diffusion/val_loss", "captions/nll")
         ]
         return arms, trends
     if table == 6:
@@ -213,7 +217,7 @@ def table_arms(table: int, scale: Scale) -> tuple[list[Arm], list[Trend]]:
         small, large = scale.patch_sizes[0], scale.patch_sizes[-1]
         trends = [
             Trend(f"linear-p{small}", f"linear-p{large}", m)
-            for m in ("images/fid", "diffusion/val_loss", "captions/cider")
+            for m in ("images/fid", "diffusion/val_loss", "captions/cider", "captions/nll")
         ]
         return arms, trends
     if table == 7:
@@ -226,7 +230,7 @@ def table_arms(table: int, scale: Scale) -> tuple[list[Arm], list[Trend]]:
         trends = [
             Trend(f"unet-{size}", f"linear-{size}", m)
             for size in scale.model_sizes
-            for m in ("images/fid", "captions/cider", "diffusion/val_loss")
+            for m in ("images/fid", "captions/cider", "diffusion/val_loss", "captions/nll")
         ]
         return arms, trends
     if table == 8:
@@ -239,7 +243,7 @@ def table_arms(table: int, scale: Scale) -> tuple[list[Arm], list[Trend]]:
         ]  # fmt: skip
         trends = [
             Trend("noise-limit-on", "noise-limit-off", m)
-            for m in ("captions/cider", "shapes/captioning_accuracy")
+            for m in ("captions/cider", "shapes/captioning_accuracy", "captions/nll")
         ]
         return arms, trends
     raise SystemExit(f"error: --table {table}: one of 5, 6, 7, 8")
