@@ -35,18 +35,21 @@ Scales:
 import argparse
 import csv
 import dataclasses
-import json
 import math
 import pathlib
 import shlex
-import subprocess
-import sys
 import time
 
+from experiments.runs import (
+    add_run_flags,
+    evaluate_cli,
+    final_metrics,
+    flag_value,
+    parse_sets,
+    train_and_score,
+    train_cli,
+)
 from transfusion_jax.config import CFG_SCALE_ABLATION
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
 
 # metric -> (label in tables and plots, True when higher is better)
 METRICS = {
@@ -269,12 +272,6 @@ def patch_arm(scale: Scale, kind: str, patch_size: int) -> tuple[dict, str]:
 # -- commands ----------------------------------------------------------------------------------
 
 
-def _value(value) -> str:
-    if isinstance(value, tuple):
-        return str(tuple(value)).replace(" ", "")
-    return str(value)
-
-
 def train_command(scale: Scale, table: int, arm: Arm, workdir, steps, seed, extra) -> list:
     overrides = {
         **scale.overrides,
@@ -286,57 +283,12 @@ def train_command(scale: Scale, table: int, arm: Arm, workdir, steps, seed, extr
         **arm.overrides,
         **extra,
     }
-    return [
-        sys.executable,
-        "-m",
-        "transfusion_jax.train",
-        "--config",
-        arm.config or scale.config,
-        "--workdir",
-        str(workdir),
-        *(f"--config.{key}={_value(value)}" for key, value in overrides.items()),
-    ]
+    return train_cli(arm.config or scale.config, workdir, overrides)
 
 
 def evaluate_command(scale: Scale, workdir, suites: str, args) -> list:
-    command = [
-        sys.executable,
-        "-m",
-        "transfusion_jax.evaluate",
-        "--workdir",
-        str(workdir),
-        "--suite",
-        suites,
-        "--num",
-        str(args.num or scale.num),
-        "--steps",
-        str(args.sampling_steps or scale.sampling_steps),
-        "--cfg_scale",
-        str(scale.cfg_scale),
-    ]
-    for flag in ("inception_weights", "clip_weights"):
-        if getattr(args, flag):
-            command += [f"--{flag}", getattr(args, flag)]
-    return command
-
-
-def final_metrics(workdir, step: int) -> dict | None:
-    """The metrics `evaluate` wrote for the run's last step, or None."""
-    path = pathlib.Path(workdir) / "eval" / f"{step}.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text()).get("metrics", {})
-
-
-def run_logged(command: list, log: pathlib.Path, what: str) -> None:
-    """Runs a command with its output appended to `log`; stops the runner on failure."""
-    with log.open("a") as out:
-        out.write(f"$ {shlex.join(command)}\n")
-        out.flush()
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-    if code:
-        tail = log.read_text().splitlines()[-15:]
-        raise SystemExit(f"error: {what} failed (exit {code}); its log: {log}\n" + "\n".join(tail))
+    num, steps = args.num or scale.num, args.sampling_steps or scale.sampling_steps
+    return evaluate_cli(workdir, suites, num, steps, scale.cfg_scale, args)
 
 
 # -- results -----------------------------------------------------------------------------------
@@ -455,7 +407,7 @@ def print_paper_scale(table: int, arms: list[Arm]) -> None:
     for arm in arms:
         config = arm.config or PAPER.config
         size = config.partition(":")[2].split(",")[0]
-        flags = " ".join(f"--config.{k}={_value(v)}" for k, v in arm.overrides.items())
+        flags = " ".join(f"--config.{k}={flag_value(v)}" for k, v in arm.overrides.items())
         print(f"\n## {arm.name} ({size} at linear 2x2 fits {PAPER_SLICES[size]})")
         print(
             f"python -m transfusion_jax.train --config {config} --workdir runs/{arm.name} {flags}"
@@ -476,21 +428,9 @@ def parse_args(argv=None):
     parser.add_argument("--table", type=int, required=True, choices=(5, 6, 7, 8))
     parser.add_argument("--scale", default="cpu", choices=("cpu", "gpu", "paper"))
     parser.add_argument("--out", help="the table's folder (runs, results, plots)")
-    parser.add_argument("--dry_run", "--dry-run", action="store_true", help="print the commands")
     parser.add_argument("--seeds", type=int, default=1, help="train every arm with seeds 0..N-1")
     parser.add_argument("--arms", default="", help="comma-separated subset of the arms to run")
-    parser.add_argument("--steps", type=int, default=0, help="training steps (0 = the scale's)")
-    parser.add_argument("--suites", default="", help="final evaluation suites (the scale's)")
-    parser.add_argument("--num", type=int, default=0, help="held-out examples per suite")
-    parser.add_argument("--sampling_steps", type=int, default=0, help="denoising steps")
-    parser.add_argument("--text", default=str(SHARED / "tinyshakespeare.txt"), help="text corpus")
-    parser.add_argument("--data", default=str(SHARED / "flickr8k_1k"), help="gpu: image folder")
-    parser.add_argument("--vae", default="", help="gpu: the VAE (a train_vae workdir)")
-    parser.add_argument("--inception_weights", default="", help="for FID (gpu)")
-    parser.add_argument("--clip_weights", default="", help="for the CLIP score (gpu)")
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override"
-    )
+    add_run_flags(parser)
     args = parser.parse_args(argv)
     if args.scale != "paper" and not args.out:
         parser.error("--out DIR is needed to train (only --scale paper runs without it)")
@@ -519,11 +459,7 @@ def main(argv=None) -> None:
                 "python -m transfusion_jax.train_vae --config vae_tiny --workdir DIR)"
             )
         extra |= {"data.path": args.data, "image.vae_path": args.vae}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"error: --set {item!r}: write KEY=VALUE, e.g. train.batch_size=4")
-        extra[key] = value
+    extra |= parse_sets(args.set)
     steps = args.steps or scale.steps[args.table]
     suites = args.suites or scale.suites
     out = pathlib.Path(args.out).resolve()
@@ -542,19 +478,7 @@ def main(argv=None) -> None:
         if args.dry_run:
             print(f"# {arm.name} seed {seed}\n{shlex.join(train)}\n{shlex.join(score)}")
             continue
-        done = final_metrics(workdir, steps)
-        wanted = {s for s in suites.split(",")}
-        if done and wanted <= {key.split("/")[0] for key in done}:
-            print(f"[{i}/{len(jobs)}] {workdir.name}: finished earlier", flush=True)
-            continue
-        workdir.mkdir(parents=True, exist_ok=True)
-        clock = time.monotonic()
-        print(f"[{i}/{len(jobs)}] {workdir.name}: training {steps} steps", flush=True)
-        run_logged(train, workdir / "train.log", f"training {workdir.name}")
-        print(f"[{i}/{len(jobs)}] {workdir.name}: evaluating {suites}", flush=True)
-        run_logged(score, workdir / "evaluate.log", f"evaluating {workdir.name}")
-        minutes = (time.monotonic() - clock) / 60
-        print(f"[{i}/{len(jobs)}] {workdir.name}: done in {minutes:.1f} min", flush=True)
+        train_and_score(train, score, workdir, steps, suites, f"[{i}/{len(jobs)}] {workdir.name}")
     if args.dry_run:
         return
     write_results(out, args.table, args.scale, arms, trends, runs, steps)

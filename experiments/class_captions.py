@@ -34,16 +34,13 @@ import inspect
 import json
 import pathlib
 import re
-import shlex
-import subprocess
-import sys
 import time
 
 import numpy as np
 from PIL import Image
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+from experiments.runs import SHARED, parse_sets, run_logged, train_cli
+
 TEMPLATE = "a photo of a {}"
 
 
@@ -195,22 +192,17 @@ def classify(params, images) -> np.ndarray:
 
 def row_log_likelihoods(ev):
     """batch -> log-likelihood [B] of each row's text after its image: the captions suite's
-    `caption_nll` weights and the evaluator's clean-image pass, summed per row (the evaluator's
-    `text_nll` sums over the whole batch). Jitted once per evaluator."""
+    `caption_nll` weights and the evaluator's clean-image pass (`Evaluator.token_ce`), summed per
+    row (the evaluator's `text_nll` sums over the whole batch). Jitted once per evaluator."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
-    from transfusion_jax.batch import text_target_mask
-    from transfusion_jax.loss import after_an_image, loss_terms
+    from transfusion_jax.loss import after_an_image
 
     def score(params, batch):
-        model = nnx.merge(ev.graphdef, params)
-        zeros_t = jnp.zeros(batch.noise_limited.shape, jnp.int32)
-        terms = loss_terms(model, batch, zeros_t, jnp.zeros_like(batch.latents), ev.diffusion)
-        weights = text_target_mask(batch.segment_ids, batch.image_ids)
-        weights &= after_an_image(batch.segment_ids, batch.image_ids)
-        return -jnp.sum(jnp.where(weights, terms["token_ce"], 0.0), axis=1)
+        ce, targets = ev.token_ce(params, batch)
+        weights = targets & after_an_image(batch.segment_ids, batch.image_ids)
+        return -jnp.sum(jnp.where(weights, ce, 0.0), axis=1)
 
     compiled = jax.jit(score)
     return lambda batch: np.asarray(compiled(ev.params, ev.place(batch)))
@@ -380,22 +372,9 @@ def train_command(args, folder, workdir) -> list[str]:
         "data.path": folder,
         "data.image_size": args.image_size,
         "train.num_steps": args.steps,
+        **parse_sets(args.set),
     }
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"error: --set {item!r}: write KEY=VALUE, e.g. train.batch_size=4")
-        overrides[key] = value
-    return [
-        sys.executable,
-        "-m",
-        "transfusion_jax.train",
-        "--config",
-        args.config,
-        "--workdir",
-        str(workdir),
-        *(f"--config.{key}={value}" for key, value in overrides.items()),
-    ]
+    return train_cli(args.config, workdir, overrides)
 
 
 def trained_steps(workdir) -> int:
@@ -414,14 +393,8 @@ def train(args, folder, workdir) -> float:
         return 0.0
     command = train_command(args, folder, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    log, start = workdir / "train.log", time.perf_counter()
-    with log.open("a") as out:
-        out.write(f"$ {shlex.join(command)}\n")
-        out.flush()
-        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-    if code:
-        tail = "\n".join(log.read_text().splitlines()[-15:])
-        raise SystemExit(f"error: training failed (exit {code}); its log: {log}\n{tail}")
+    start = time.perf_counter()
+    run_logged(command, workdir / "train.log", "training")
     return time.perf_counter() - start
 
 

@@ -90,6 +90,13 @@ SLOW_TESTS = {
     "test_transfusion_of_the_spec_is_transfusion_of_the_config",
     "test_paper_sizes_match_nominal",
     "test_the_same_seed_gives_the_same_weights",
+    "test_a_tiny_vq_overfits_a_fixed_batch",
+    "test_vq_training_logs_codebook_usage_and_load_vq_reads_the_tokenizer",
+    # discrete (VQ token) runs: a trained tokenizer, a short run, the comparison runner
+    "test_the_tokenizer_decides_the_codebook_and_the_window",
+    "test_the_train_step_tokenizes_each_image_as_the_tokenizer_does",
+    "test_a_discrete_run_trains_and_logs_its_split_losses",
+    "test_micro_run_writes_results_and_skips_finished_runs",
 }
 # Parametrized cases kept out of the fast subset (the other cases of those tests stay in it):
 # the U-Net variants of the model's invariance tests, big attention shapes, most solver cases.

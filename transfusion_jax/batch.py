@@ -146,6 +146,16 @@ def image_slots(image_ids: jax.Array, max_images: int) -> tuple[jax.Array, jax.A
     return jnp.argmax(is_slot, axis=-1).astype(jnp.int32), jnp.any(is_slot, axis=-1)
 
 
+def patch_index(image_ids: jax.Array, max_images: int, num_patches: int) -> jax.Array:
+    """int32 [B, L]: for an image position, its patch's index in the row's patches laid out
+    slot after slot ([B, M * N], raster order inside a slot); a clipped index elsewhere (mask
+    it with image_ids >= 0)."""
+    starts, _ = image_slots(image_ids, max_images)
+    slot = jnp.maximum(image_ids, 0)
+    offset = jnp.arange(image_ids.shape[1])[None] - jnp.take_along_axis(starts, slot, axis=1)
+    return slot * num_patches + jnp.clip(offset, 0, num_patches - 1)
+
+
 def text_target_mask(segment_ids: jax.Array, image_ids: jax.Array) -> jax.Array:
     """bool [B, L]: positions whose next token is a text target of the LM loss.
 

@@ -18,6 +18,8 @@ import ml_collections
 
 from transfusion_jax.attention import IMAGE_ATTENTION, IMPLEMENTATIONS
 
+IMAGE_REPRESENTATIONS = ("continuous", "discrete")
+
 
 def llama_ffn_dim(d_model: int) -> int:
     """The Llama-2 FFN width rule, 256 * ceil(8d / 3 / 256): 768 -> 2048, 4096 -> 11008."""
@@ -56,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention = "auto"
     # "bidirectional": a patch sees its whole image (the paper); "causal": like text (Table 5).
     c.model.image_attention = "bidirectional"
+    # "continuous": images are diffused latents (Transfusion); "discrete": images are the code ids
+    # of a VQ tokenizer (image.vae_path), predicted token by token with the LM loss only and
+    # causal attention everywhere: the Chameleon baseline (transfusion_jax/discrete.py).
+    c.model.image_repr = "continuous"
 
     c.image = ml_collections.ConfigDict()
     # h = w of one image's latent (256 px / 8 for the paper's VAE); 0 = follow the data (in pixel
@@ -67,8 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
     # encoding pixels on the devices) still run on them. 0 = derived, `derived_max_images`: as
     # many as the shortest image documents a row holds, so slots never close a row early.
     c.image.max_images = 0
-    # data.latents = "vae": a diffusers AutoencoderKL directory or a train_vae workdir.
+    # data.latents = "vae": a diffusers AutoencoderKL directory or a train_vae workdir; with
+    # model.image_repr = "discrete": the VQ tokenizer's train_vae workdir (vae.kind = "vq").
     c.image.vae_path = ""
+    # Discrete images: codes in the tokenizer's codebook, the ids appended to the text vocabulary
+    # (0 = read it from image.vae_path; give it for shape-only uses without a tokenizer).
+    c.image.codebook_size = 0
     # Train on a posterior sample z ~ N(mean, var) (latent diffusion's choice) or on the mean.
     c.image.vae_sample = True
 
@@ -194,6 +204,15 @@ def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     m.num_kv_heads = m.num_kv_heads or m.num_heads
     m.head_dim = m.head_dim or m.d_model // m.num_heads
     m.ffn_dim = m.ffn_dim or llama_ffn_dim(m.d_model)
+    _check(
+        m.image_repr in IMAGE_REPRESENTATIONS,
+        "model.image_repr",
+        f"{m.image_repr!r} is not one of {IMAGE_REPRESENTATIONS}",
+    )
+    if m.image_repr == "discrete":
+        _follow_the_tokenizer(cfg)
+    else:
+        im.codebook_size = 0
     if "data" in cfg and cfg.data.latents == "pixels":
         im.latent_size = im.latent_size or cfg.data.image_size
         im.latent_channels = im.latent_channels or 3
@@ -519,6 +538,44 @@ def _check_training(cfg) -> None:
         _check(0.0 <= opt[key] < 1.0, f"optimizer.{key}", f"{opt[key]} must be in [0, 1)")
     for key in ("weight_decay", "clip_norm"):
         _check(opt[key] >= 0, f"optimizer.{key}", f"{opt[key]} must be at least 0")
+
+
+def _follow_the_tokenizer(cfg) -> None:
+    """A discrete run: images arrive as pixels, the VQ tokenizer at image.vae_path turns each
+    patch_size x patch_size window into one code id on the devices (so patch_size is the
+    tokenizer's downsampling), and image.codebook_size comes from it too."""
+    im = cfg.image
+    if "data" in cfg:
+        _check(
+            cfg.data.latents == "pixels",
+            "data.latents",
+            f"{cfg.data.latents!r}: discrete images arrive as pixels that the VQ tokenizer "
+            "encodes in the step; set data.latents=pixels",
+        )
+    if not im.vae_path:  # shape-only uses (parameter counts, memory proofs) need no tokenizer
+        _check(
+            im.codebook_size >= 2,
+            "image.vae_path",
+            "model.image_repr='discrete' needs the VQ tokenizer, a workdir of python -m "
+            "transfusion_jax.train_vae --config vq_tiny (or image.codebook_size for shapes only)",
+        )
+        return
+    from transfusion_jax.vae.latent_space import vq_space
+
+    downsample, codebook_size = vq_space(im.vae_path)
+    _check(
+        im.codebook_size in (0, codebook_size),
+        "image.codebook_size",
+        f"{im.codebook_size} disagrees with the tokenizer at {im.vae_path} ({codebook_size}); "
+        "set it to 0 to follow the tokenizer",
+    )
+    im.codebook_size = codebook_size
+    _check(
+        im.patch_size == downsample,
+        "image.patch_size",
+        f"{im.patch_size}: one code id stands for a {downsample}x{downsample} window of the "
+        f"tokenizer at {im.vae_path}; set image.patch_size={downsample}",
+    )
 
 
 def _follow_the_vae(cfg) -> None:

@@ -159,6 +159,9 @@ class SamplingOptions:
     steps: int = 250
     cfg_scale: float = 1.0
     clip_x0: float | None = None  # DDPM/DDIM: clip predicted x0 (1.0 for pixels in [-1, 1])
+    # Discrete (VQ token) images only: how their code tokens are sampled (discrete_generator.py)
+    image_temperature: float = 1.0
+    image_top_k: int = 0
 
 
 @dataclasses.dataclass

@@ -59,6 +59,12 @@ class Pipeline:
 
             vae = load_vae(cfg.image.vae_path)
         self.vae = vae
+        # a discrete run's images are code grids, made and read by its VQ tokenizer
+        self.vq = None
+        if cfg.model.image_repr == "discrete":
+            from transfusion_jax.vae import load_vq
+
+            self.vq = load_vq(cfg.image.vae_path)
         self.tokenizer = make_tokenizer(cfg.data.tokenizer)
         im = cfg.image
         self.image_shape = (im.latent_size, im.latent_size, im.latent_channels)
@@ -66,6 +72,18 @@ class Pipeline:
         self.generator = self._generator(progress=None)
 
     def _generator(self, progress) -> Generator:
+        if self.vq is not None:
+            from transfusion_jax.discrete_generator import DiscreteGenerator
+
+            im = self.cfg.image
+            return DiscreteGenerator(
+                self.model,
+                self.tokenizer.special,
+                im.latent_size // im.patch_size,
+                self.cfg.model.vocab_size,
+                im.codebook_size,
+                num_ids=self.tokenizer.num_ids,
+            )
         return Generator(
             self.model,
             Diffusion.from_config(self.cfg),
@@ -102,19 +120,30 @@ class Pipeline:
         seed: int = 0,
         progress: bool = False,
         max_prompt_tokens: int | None = None,
+        image_temperature: float = 1.0,
+        image_top_k: int = 0,
     ) -> list[PILImage.Image]:
         """One image per prompt (a string or a list), `num_per_prompt` times, in prompt order;
         prompts are cut to `max_prompt_tokens` tokens when given (training cuts captions to
-        data.max_caption_tokens)."""
+        data.max_caption_tokens). A discrete (VQ token) run samples its code tokens at
+        `image_temperature` among the `image_top_k` likeliest (0: all); `steps` and `sampler`
+        are the diffusion sampler's, unused there."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         _check_positive(num_per_prompt=num_per_prompt)
         tokens = [
             self._prompt(p, max_prompt_tokens) for p in prompts for _ in range(num_per_prompt)
         ]
         # One text token after the image: nothing past it is returned.
-        options = self.options(steps=steps, cfg_scale=cfg_scale, sampler=sampler, max_new_tokens=1)
+        options = self.options(
+            steps=steps,
+            cfg_scale=cfg_scale,
+            sampler=sampler,
+            max_new_tokens=1,
+            image_temperature=image_temperature,
+            image_top_k=image_top_k,
+        )
         generator = self.generator
-        if progress:  # a host callback per denoising step: only when a bar is shown
+        if progress and self.vq is None:  # a host callback per denoising step, for the bar
             self._reporting = self._reporting or self._generator(progress=self._progress)
             generator = self._reporting
         with self._progress_bar(progress, options):
@@ -135,6 +164,8 @@ class Pipeline:
         pixels = self._images(images)
         if self.vae is not None:  # the posterior mean, as the model saw images in training
             pixels = np.asarray(self.vae.latents(pixels))
+        if self.vq is not None:  # the code grids, as the train step tokenized images
+            pixels = np.asarray(self.vq.encode_ids(pixels))
         options = self.options(
             max_new_tokens=max_new_tokens,
             max_images=0,
@@ -158,9 +189,12 @@ class Pipeline:
         cfg_scale: float = CFG_SCALE_ABLATION,
         sampler: str | None = None,
         seed: int = 0,
+        image_temperature: float = 1.0,
+        image_top_k: int = 0,
     ) -> list:
         """The continuation of `prompt`: text, and an image wherever the model opens one (up to
-        `max_images`), as a list of strings and PIL images in document order."""
+        `max_images`), as a list of strings and PIL images in document order (a discrete run's
+        image codes sampled with `image_temperature` and `image_top_k`)."""
         options = self.options(
             max_new_tokens=max_new_tokens,
             max_images=max_images,
@@ -170,6 +204,8 @@ class Pipeline:
             steps=steps,
             cfg_scale=cfg_scale,
             sampler=sampler,
+            image_temperature=image_temperature,
+            image_top_k=image_top_k,
         )
         result = self.generator.generate([self._prompt(prompt)], jax.random.key(seed), options)
         return self._parts(result.tokens[0], result.images[0])
@@ -191,11 +227,15 @@ class Pipeline:
         if not math.isfinite(cfg_scale) or cfg_scale < 0:
             raise ValueError(f"cfg_scale {cfg_scale}: must be finite and >= 0 (1 = no guidance)")
         _check_positive(**{k: kw[k] for k in ("steps", "max_new_tokens") if k in kw})
+        for key in ("temperature", "image_temperature", "top_k", "image_top_k"):
+            if kw.get(key, 0) < 0:
+                raise ValueError(f"{key} {kw[key]}: must be >= 0")
         clip = 1.0 if self.cfg.data.latents == "pixels" and sampler in ("ddpm", "ddim") else None
         return SamplingOptions(sampler=sampler, clip_x0=clip, **kw)
 
     def to_pil(self, image: np.ndarray) -> PILImage.Image:
-        """A generated image (pixels in [-1, 1], or a normalised latent) as a PIL image."""
+        """A generated image (pixels in [-1, 1], a normalised latent, or a code grid) as a PIL
+        image."""
         return self.to_pil_images([image])[0]
 
     def to_pil_images(self, images) -> list[PILImage.Image]:
@@ -205,6 +245,8 @@ class Pipeline:
         images = np.stack([np.asarray(x) for x in images])
         if self.vae is not None:
             images = np.asarray(self.vae.decode(self.vae.denormalize(images)))
+        if self.vq is not None:  # code grids
+            images = np.asarray(self.vq.decode_ids(images))
         return [PILImage.fromarray(to_uint8(x)) for x in images]
 
     def _prompt(self, text: str, limit: int | None = None) -> list[int]:
@@ -244,6 +286,7 @@ class Pipeline:
     @contextlib.contextmanager
     def _progress_bar(self, show: bool, options: SamplingOptions):
         evaluations = 2 * options.steps - 1 if options.sampler == "heun" else options.steps
+        show = show and self.vq is None  # a discrete run's images do not denoise
         self._bar = tqdm(total=evaluations, desc="denoising", unit="step", disable=not show)
         try:
             yield self._bar

@@ -16,6 +16,13 @@ from transfusion_jax.batch import Batch, image_slots, text_target_mask
 from transfusion_jax.diffusion import Diffusion
 
 
+def next_token_ce(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """float32 [B, L]: the cross-entropy of the logits at q against the token at q + 1 (the last
+    position against 0: mask it)."""
+    next_tokens = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, next_tokens)
+
+
 def loss_terms(model, batch: Batch, t: jax.Array, noise: jax.Array, diffusion: Diffusion) -> dict:
     """Unreduced terms for given timesteps t [B, M] and noise [B, M, h, w, c].
 
@@ -25,8 +32,7 @@ def loss_terms(model, batch: Batch, t: jax.Array, noise: jax.Array, diffusion: D
     noisy, target = diffusion.add_noise(batch.latents, noise, t)
     logits, prediction = model(batch, noisy, t)
     token_mask = text_target_mask(batch.segment_ids, batch.image_ids)
-    next_tokens = jnp.pad(batch.tokens[:, 1:], ((0, 0), (0, 1)))
-    token_ce = optax.softmax_cross_entropy_with_integer_labels(logits, next_tokens)
+    token_ce = next_token_ce(logits, batch.tokens)
     _, image_mask = image_slots(batch.image_ids, batch.latents.shape[1])
     image_mse = jnp.mean(jnp.square(prediction - target), axis=(2, 3, 4))
     return dict(

@@ -12,7 +12,7 @@ import ml_collections
 from flax import nnx
 
 from transfusion_jax.attention import training_mask
-from transfusion_jax.batch import Batch, image_slots
+from transfusion_jax.batch import Batch, image_slots, patch_index
 from transfusion_jax.layers import apply_flat, dense, sharded
 from transfusion_jax.model_config import ModelSpec, as_model_spec
 from transfusion_jax.patching import LinearPatching
@@ -45,7 +45,8 @@ class Transfusion(nnx.Module):
             **dtypes,
             embedding_init=sharded(nnx.initializers.normal(1.0), "vocab", "embed"),
         )
-        self.patching = make_patching(spec, rngs)
+        # discrete images are tokens: no patch layers (discrete.py puts the codes in the row)
+        self.patching = None if transformer_spec.discrete_images else make_patching(spec, rngs)
         self.transformer = Transformer(transformer_spec, rngs)
         self.lm_head = (
             None
@@ -60,20 +61,23 @@ class Transfusion(nnx.Module):
         )
 
     def __call__(self, batch: Batch, noisy_latents: jax.Array, t: jax.Array):
-        """Returns (text logits [B, L, V] float32, image prediction [B, M, h, w, c] float32).
+        """Returns (text logits [B, L, V] float32, image prediction [B, M, h, w, c] float32;
+        None for a discrete model, whose batches hold images as tokens, `discrete.py`).
 
         noisy_latents [B, M, h, w, c] and t [B, M] give each image slot at its noise level; the
         logits at position q predict the token at q + 1.
         """
+        if self.patching is None:  # discrete images: every position is a token (discrete.py)
+            mask = training_mask(batch.segment_ids, batch.image_ids, self.attention, False)
+            h = self.transformer(self.embed(batch.tokens), batch.positions, mask)
+            return self.logits(h), None
         b, length = batch.tokens.shape
         n = self.num_patches
         starts, _ = image_slots(batch.image_ids, self.max_images)
 
         # Input sequence: text embeddings, with each image position replaced by its patch token.
         patch_tokens, context = self.patching.encode(noisy_latents, t)  # [B, M, N, d]
-        slot = jnp.maximum(batch.image_ids, 0)
-        offset = jnp.arange(length)[None] - jnp.take_along_axis(starts, slot, axis=1)
-        index = slot * n + jnp.clip(offset, 0, n - 1)
+        index = patch_index(batch.image_ids, self.max_images, n)
         from_image = jnp.take_along_axis(
             patch_tokens.reshape(b, -1, patch_tokens.shape[-1]), index[..., None], axis=1
         )
@@ -112,7 +116,7 @@ def parameter_counts(spec: ModelSpec | ml_collections.ConfigDict) -> dict[str, i
     parts = dict(
         transformer=count(abstract.transformer),
         embeddings=embeddings,
-        patch=count(abstract.patching),
+        patch=0 if abstract.patching is None else count(abstract.patching),
     )
     parts["total"] = sum(parts.values())
     return parts

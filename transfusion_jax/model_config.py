@@ -55,6 +55,9 @@ class TransformerSpec:
     remat_policy: str
     attention: str
     image_attention: str  # "bidirectional" or "causal"
+    # "continuous" (diffused latents) or "discrete" (VQ code ids as tokens, discrete.py); a
+    # discrete model's vocab_size counts the text vocabulary and the codebook
+    image_repr: str
 
     @property
     def layer_dtypes(self) -> dict:
@@ -69,8 +72,13 @@ class TransformerSpec:
 
     @property
     def bidirectional_images(self) -> bool:
-        """Patches attend to every patch of their image (else causally, like text)."""
-        return self.image_attention == "bidirectional"
+        """Patches attend to every patch of their image (else causally, like text); discrete
+        image tokens are text to the transformer, attended causally as Chameleon's."""
+        return self.image_attention == "bidirectional" and self.image_repr == "continuous"
+
+    @property
+    def discrete_images(self) -> bool:
+        return self.image_repr == "discrete"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +89,7 @@ class ImageSpec:
     latent_channels: int  # resolved: 3 (pixel space) or the VAE's channels
     patch_size: int
     max_images: int
+    codebook_size: int  # discrete images: the tokenizer's codes (0 for continuous ones)
 
     @property
     def grid_size(self) -> int:
@@ -140,8 +149,11 @@ class ModelSpec:
         """The spec of a ConfigDict, after `resolve_model` filled in its defaults and checked it
         (a bad value raises ValueError naming the config field)."""
         cfg = resolve_model(cfg)
+        transformer = from_section(TransformerSpec, cfg.model)
+        # discrete images: code c is token model.vocab_size + c (`image_token_offset`)
+        vocab_size = transformer.vocab_size + cfg.image.codebook_size
         return cls(
-            transformer=from_section(TransformerSpec, cfg.model),
+            transformer=dataclasses.replace(transformer, vocab_size=vocab_size),
             image=from_section(ImageSpec, cfg.image),
             patch=from_section(PatchSpec, cfg.patch),
             diffusion=from_section(DiffusionSpec, cfg.diffusion),
@@ -151,6 +163,11 @@ class ModelSpec:
     def num_patches(self) -> int:
         """N, the sequence positions one image takes."""
         return self.image.num_patches
+
+    @property
+    def image_token_offset(self) -> int:
+        """Discrete images: the token id of code 0 (the text vocabulary's size)."""
+        return self.transformer.vocab_size - self.image.codebook_size
 
     @property
     def unet_levels(self) -> int:

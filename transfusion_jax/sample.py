@@ -46,6 +46,9 @@ def check_arguments(args, parser) -> None:
         parser.error(f"--max_new_tokens {args.max_new_tokens}: must be at least 1")
     if not math.isfinite(args.cfg_scale) or args.cfg_scale < 0:
         parser.error(f"--cfg_scale {args.cfg_scale}: must be finite and >= 0 (1 = no guidance)")
+    for flag in ("temperature", "top_k", "image_temperature", "image_top_k"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag} {getattr(args, flag)}: must be >= 0")
     if args.step is not None and args.step < 0:
         parser.error(f"--step {args.step}: must be a checkpoint's step number")
     cfg = _stored_config(args, parser)
@@ -147,6 +150,18 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (--text)")
     parser.add_argument("--top_k", type=int, default=0, help="0 = no top-k filter (--text)")
     parser.add_argument("--top_p", type=float, default=1.0, help="1 = no nucleus filter (--text)")
+    parser.add_argument(
+        "--image_temperature",
+        type=float,
+        default=1.0,
+        help="discrete (VQ token) runs: temperature of the image codes (0 = greedy)",
+    )
+    parser.add_argument(
+        "--image_top_k",
+        type=int,
+        default=0,
+        help="discrete (VQ token) runs: sample image codes among the k likeliest (0 = all)",
+    )
     parser.add_argument("--ema", action="store_true", help="use the EMA weights")
     parser.add_argument(
         "--step", type=int, default=None, help="the checkpoint to load (default: the newest)"
@@ -186,6 +201,8 @@ def main(argv=None):
             cfg_scale=args.cfg_scale,
             sampler=args.sampler,
             seed=args.seed,
+            image_temperature=args.image_temperature,
+            image_top_k=args.image_top_k,
         )
         for i, part in enumerate(parts):
             if isinstance(part, str):
@@ -204,6 +221,8 @@ def main(argv=None):
         sampler=args.sampler,
         seed=args.seed,
         progress=True,
+        image_temperature=args.image_temperature,
+        image_top_k=args.image_top_k,
     )
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):

@@ -218,6 +218,9 @@ class TransfusionTask:
                 "config field train.eval_suites: 'images' (FID, CLIP score) needs hundreds of "
                 "drawn images; run it with python -m transfusion_jax.evaluate"
             )
+        if cfg.model.image_repr == "discrete":
+            if cfg.image.vae_path:  # absolute, so sampling elsewhere finds the same tokenizer
+                cfg.image.vae_path = str(absolute(cfg.image.vae_path))
         if cfg.data.latents == "vae" and cfg.data.source != "synthetic":
             from transfusion_jax.vae.latent_space import latent_space
 
@@ -229,6 +232,9 @@ class TransfusionTask:
     def __init__(self, cfg, mesh):
         self.cfg = cfg
         self.program = TrainProgram(cfg, mesh)
+        if self.program.discrete:  # one LM loss, split by what its targets are
+            self.logged = ("loss", "image_token_loss", "text_token_loss", "lm_loss_after_image")
+            self.logged += ("learning_rate", "grad_norm")
         self.counts = parameter_counts(cfg)
         self.units_per_step = cfg.train.batch_size * cfg.data.seq_len
         self.flops_per_unit = model_flops_per_token(cfg, cfg.data.seq_len, self.counts)
@@ -285,6 +291,11 @@ class TransfusionTask:
         return None
 
     def progress_line(self, r: dict) -> str:
+        if self.program.discrete:
+            return (
+                f"loss {r['loss']:.4f} (image tokens {r['image_token_loss']:.4f}, text "
+                f"{r['text_token_loss']:.4f}, after images {r['lm_loss_after_image']:.4f})"
+            )
         return (
             f"loss {r['loss']:.4f} (lm {r['lm_loss']:.4f}, after images "
             f"{r['lm_loss_after_image']:.4f}, diffusion {r['diffusion_loss']:.4f})"

@@ -22,6 +22,7 @@ from transfusion_jax import sharding as shd
 from transfusion_jax.batch import Batch
 from transfusion_jax.config import images_arrive_as_pixels, resolve_model
 from transfusion_jax.diffusion import Diffusion
+from transfusion_jax.discrete import discrete_counts, discrete_loss, with_image_tokens
 from transfusion_jax.loss import batch_counts, transfusion_loss
 from transfusion_jax.model import Transfusion
 from transfusion_jax.optimizer import learning_rate_schedule, make_optimizer
@@ -61,9 +62,20 @@ class TrainProgram:
 
     def setup(self) -> None:
         """What `loss` needs besides the model: the diffusion schedule, and the frozen VAE
-        encoder when batches carry pixels (`data.latents = "vae"` without a latent cache)."""
+        encoder when batches carry pixels (`data.latents = "vae"` without a latent cache), or
+        the frozen VQ tokenizer of a discrete run."""
         self.diffusion = Diffusion.from_config(self.cfg)
-        self.vae = None
+        self.vae = self.vq = None
+        self.discrete = self.cfg.model.image_repr == "discrete"
+        if self.discrete and self.frozen_weights and self.cfg.image.vae_path:
+            from transfusion_jax.vae import load_vq
+
+            try:
+                self.vq = load_vq(self.cfg.image.vae_path)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"config field image.vae_path: {e}") from e
+            self.vq_graphdef = nnx.graphdef(self.vq.module)
+            self.freeze(self.vq.module)
         if images_arrive_as_pixels(self.cfg) and self.frozen_weights:
             from transfusion_jax.vae import load_vae
             from transfusion_jax.vae.latent_space import latent_space
@@ -166,6 +178,9 @@ class TrainProgram:
         """(loss, metrics) of a batch; `step` (the optimizer step) is for losses that change
         over a run (the VAE's discriminator starts late), `frozen` the frozen weights."""
         del step, frozen
+        if self.discrete:
+            offset = self.cfg.model.vocab_size
+            return discrete_loss(self.model(params), batch, offset, counts)
         return transfusion_loss(
             self.model(params), batch, rng, self.diffusion, self.cfg.diffusion.loss_weight, counts
         )
@@ -185,7 +200,11 @@ class TrainProgram:
 
         micro = jax.tree.map(split, batch)
 
-        counts = batch_counts(batch)
+        counts = (
+            discrete_counts(batch, self.cfg.model.vocab_size)
+            if self.discrete
+            else batch_counts(batch)
+        )
 
         def micro_step(i, micro_batch):
             key = jax.random.fold_in(rng, i)
@@ -214,14 +233,26 @@ class TrainProgram:
         )
         return batch.replace(latents=z.reshape(*x.shape[:2], *z.shape[1:]).astype(jnp.float32))
 
+    def tokenize_images(self, vq_params, batch: Batch) -> Batch:
+        """A discrete run's batch: its pixel images replaced by their VQ code ids, written as
+        tokens (discrete.py). Every slot is encoded, used or not: a static shape."""
+        x = batch.latents  # [B, M, H, W, 3]
+        module = nnx.merge(self.vq_graphdef, vq_params)
+        ids = module.encode_ids(x.reshape(-1, *x.shape[2:]))  # [B * M, h, w]
+        codes = ids.reshape(x.shape[0], x.shape[1], -1)
+        return with_image_tokens(batch, codes, self.cfg.model.vocab_size)
+
     def train_step(self, state: TrainState, batch: Batch, frozen=None):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         if self.vae is not None:
             batch = self.encode_images(frozen, batch, jax.random.fold_in(rng, ENCODE_STREAM))
+        if self.vq is not None:
+            batch = self.tokenize_images(frozen, batch)
         grads, metrics = self._gradients(state.params, batch, rng, state.step, frozen)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        params, metrics = self.after_update(params, metrics, rng, state.step)
         ema_decay = self.cfg.train.ema_decay
         ema = state.ema_params
         if ema_decay > 0:
@@ -249,6 +280,12 @@ class TrainProgram:
             learning_rate=self.schedule(state.step - state.nonfinite_steps),
         )
         return new_state, metrics
+
+    def after_update(self, params, metrics: dict, rng, step):
+        """(params, metrics) after the optimizer's update of step `step`: the place for updates
+        that are not gradient steps (the VQ codebook's moving averages). Nothing here."""
+        del rng, step
+        return params, metrics
 
     def compile(self, batch_shapes: Batch):
         """The AOT-compiled step for batches shaped like `batch_shapes`: `step(state, batch)`."""

@@ -1,5 +1,6 @@
 """Train the KL autoencoder whose latents Transfusion models (the paper trained its own: 8 latent
-channels, downsampling 8, 86M parameters).
+channels, downsampling 8, 86M parameters), or with `vae.kind=vq` the VQ tokenizer whose code ids
+the Chameleon baseline models (configs/vq_tiny.py, configs/vq_paper.py).
 
   python -m transfusion_jax.train_vae --config vae_tiny --workdir workdirs/vae \
       --config.data.path=../shared/data/noto_emoji_72
@@ -7,8 +8,9 @@ channels, downsampling 8, 86M parameters).
 The loop is Transfusion's (`train.train` with `VAETask`): the same config overrides, mesh, Orbax
 checkpoints with exact resume, preemption handling, non-finite guard and DIR/metrics.jsonl. Every
 `train.eval_every` steps (and at the end) the record carries `val_psnr`, `val_ssim` and `val_l1`
-of posterior-mean reconstructions of held-out images (a fixed ~5% of the files, chosen by a hash of
-the file name). Every checkpoint stores the per-channel mean and std of the latents of
+of posterior-mean (VQ: nearest-code) reconstructions of held-out images (a fixed ~5% of the files,
+chosen by a hash of the file name), and for a VQ the share of the codebook those images use
+(`val_codebook_usage`). Every KL checkpoint stores the per-channel mean and std of the latents of
 `train.stats_images` training images, which `load_vae(DIR)` turns into the latent normalisation.
 """
 
@@ -43,7 +45,10 @@ class VAETask:
         self.program = VAETrainProgram(cfg, mesh)
         self.units_per_step = cfg.train.batch_size
         self.flops_per_unit = 0.0  # convolutions: no MFU
-        self.logged = ("loss", "l1", "l2", "kl", "psnr", "learning_rate", "grad_norm")
+        self.vq = cfg.vae.kind == "vq"
+        regulariser = ("commitment", "codebook_usage", "codebook_perplexity", "codes_restarted")
+        self.logged = ("loss", "l1", "l2", "psnr", "learning_rate", "grad_norm")
+        self.logged += regulariser if self.vq else ("kl",)
         if cfg.loss.perceptual_weight > 0:
             self.logged += ("perceptual",)
         if cfg.loss.disc_weight > 0:
@@ -81,11 +86,17 @@ class VAETask:
         if not len(self.eval_images):
             return {}
         scores = self._run("scores", state.params, self.eval_images)
-        return {f"val_{k}": float(np.mean(v)) for k, v in scores.items()}
+        codes = scores.pop("codes", None)
+        metrics = {f"val_{k}": float(np.mean(v)) for k, v in scores.items()}
+        if codes is not None:  # the share of the codebook the held-out images use
+            used = len(np.unique(codes))
+            metrics["val_codebook_usage"] = used / self.cfg.vae.codebook_size
+        return metrics
 
     def checkpoint_info(self, state) -> dict | None:
-        """The latent statistics of this step's weights (load_vae normalises with them)."""
-        if not len(self.stats_images):
+        """The latent statistics of this step's weights (load_vae normalises with them); a VQ
+        autoencoder's tokens are ids, with nothing to normalise."""
+        if self.vq or not len(self.stats_images):
             return None
         z = self._run("latents", state.params, self.stats_images)
         flat = z.reshape(-1, z.shape[-1]).astype(np.float64)
@@ -96,9 +107,18 @@ class VAETask:
         }
 
     def progress_line(self, r: dict) -> str:
-        line = f"loss {r['loss']:.4f} (l1 {r['l1']:.4f}, kl {r['kl']:.3g}) psnr {r['psnr']:.2f}"
+        if self.vq:
+            regulariser = (
+                f"commitment {r['commitment']:.3g}, codes used {r['codebook_usage']:.1%}, "
+                f"restarted {r['codes_restarted']:.0f}"
+            )
+        else:
+            regulariser = f"kl {r['kl']:.3g}"
+        line = f"loss {r['loss']:.4f} (l1 {r['l1']:.4f}, {regulariser}) psnr {r['psnr']:.2f}"
         if "val_psnr" in r:
             line += f"  val psnr {r['val_psnr']:.2f} ssim {r['val_ssim']:.3f}"
+        if "val_codebook_usage" in r:
+            line += f" codes used {r['val_codebook_usage']:.1%}"
         return line
 
 

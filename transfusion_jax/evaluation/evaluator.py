@@ -18,11 +18,12 @@ import numpy as np
 from flax import nnx
 
 from transfusion_jax import sharding as shd
-from transfusion_jax.batch import Batch, build_batch
+from transfusion_jax.batch import Batch, build_batch, text_target_mask
 from transfusion_jax.config import base_config
 from transfusion_jax.diffusion import Diffusion
+from transfusion_jax.discrete import with_image_tokens
 from transfusion_jax.inference import Pipeline
-from transfusion_jax.loss import loss_terms
+from transfusion_jax.loss import loss_terms, next_token_ce
 
 
 def eval_settings(cfg):
@@ -133,16 +134,41 @@ class Evaluator:
 
     # -- compiled scoring -----------------------------------------------------------------------
 
-    def _text_nll_fn(self, params, batch: Batch, weights):
-        """Summed negative log likelihood (nats) of the weighted next-token targets."""
+    def token_ce(self, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """(next-token cross-entropy [B, L], 0 where there is no text target; the target mask)
+        with every image clean (t = 0): how text is scored here and by the experiments that rank
+        captions (experiments/class_captions.py). Traceable; a discrete model's batch holds no
+        images."""
         model = nnx.merge(self.graphdef, params)
+        if model.patching is None:
+            mask = text_target_mask(batch.segment_ids, batch.image_ids)
+            ce = next_token_ce(model(batch, None, None)[0], batch.tokens)
+            return jnp.where(mask, ce, 0.0), mask
         zeros_t = jnp.zeros(batch.noise_limited.shape, jnp.int32)
         terms = loss_terms(model, batch, zeros_t, jnp.zeros_like(batch.latents), self.diffusion)
-        return jnp.sum(terms["token_ce"] * weights), jnp.sum(terms["token_mask"] * weights)
+        return terms["token_ce"], terms["token_mask"]
+
+    def _text_nll_fn(self, params, batch: Batch, weights):
+        """Summed negative log likelihood (nats) of the weighted next-token targets."""
+        ce, mask = self.token_ce(params, batch)
+        return jnp.sum(ce * weights), jnp.sum(mask * weights)
 
     def text_nll(self, batch: Batch, weights) -> tuple[float, float]:
+        batch = self.images_as_tokens(batch)
         nll, count = self._text_nll(self.params, *self.place((batch, weights)))
         return float(nll), float(count)
+
+    def images_as_tokens(self, batch: Batch) -> Batch:
+        """A discrete run's batch with its images written as their code tokens, as the train
+        step writes them (discrete.py); any other run's batch as it is."""
+        vq = self.pipeline.vq
+        if vq is None:
+            return batch
+        x = np.asarray(batch.latents)  # [B, M, S, S, 3] pixels
+        codes = np.asarray(vq.encode_ids(x.reshape(-1, *x.shape[2:])))
+        codes = codes.reshape(x.shape[0], x.shape[1], -1)
+        converted = with_image_tokens(batch, codes, self.cfg.model.vocab_size)
+        return jax.tree.map(np.asarray, converted)
 
     def _image_errors_fn(self, params, batch: Batch, t, noise):
         """Per-image diffusion errors [B, M] (mean over each latent) at noise levels t [B, M]."""

@@ -151,6 +151,8 @@ def why_not(cfg, suite: str) -> str | None:
     """Why `suite` has no held-out data to read for this run (None: it has), from the config
     alone: the trainer checks its suites before step 1."""
     d, e = cfg.data, cfg.eval
+    if cfg.model.get("image_repr", "continuous") == "discrete" and suite == "diffusion":
+        return "a run with model.image_repr='discrete' has no diffusion loss"
     if suite == "text":
         if e.text_path:
             return None

@@ -6,11 +6,33 @@ pipeline) or a workdir of our own VAE training. Nothing here imports torch.
 """
 
 from transfusion_jax.paths import as_path
-from transfusion_jax.vae.autoencoder import VAE, AutoencoderKL, vae_config
+from transfusion_jax.vae.autoencoder import (
+    VAE,
+    AutoencoderKL,
+    AutoencoderVQ,
+    VQTokenizer,
+    vae_config,
+)
 from transfusion_jax.vae.diffusers_weights import CONFIG, WEIGHTS, load_diffusers
 from transfusion_jax.vae.latent_space import vae_directory
 
-__all__ = ["VAE", "AutoencoderKL", "load_diffusers", "load_vae", "vae_config"]
+__all__ = [
+    "VAE",
+    "AutoencoderKL",
+    "AutoencoderVQ",
+    "VQTokenizer",
+    "load_diffusers",
+    "load_vae",
+    "load_vq",
+    "vae_config",
+]
+
+
+def load_vq(path, **kwargs) -> VQTokenizer:
+    """The VQ tokenizer of a train_vae workdir (vae.kind=vq); `kwargs` go to the loader."""
+    from transfusion_jax.vae.workdir import load_vq as load
+
+    return load(as_path(path), **kwargs)
 
 
 def load_vae(path, **kwargs) -> VAE:

@@ -1,4 +1,6 @@
-"""The KL autoencoder of latent diffusion (diffusers `AutoencoderKL`) as Flax NNX modules.
+"""The KL autoencoder of latent diffusion (diffusers `AutoencoderKL`) as Flax NNX modules, and
+its discrete sibling `AutoencoderVQ` (the same encoder and decoder around a codebook, quantizer.py)
+that turns images into the code ids of the Chameleon baseline.
 
 The layout follows diffusers layer for layer (same block order, same padding, GroupNorm statistics
 and attention scale) so that `diffusers_weights.py` can import a trained SD / SDXL / FLUX VAE by
@@ -22,6 +24,10 @@ from transfusion_jax.layers import dense, fan_in_init, sharded, to_dtype
 def vae_config(**overrides) -> ml_collections.ConfigDict:
     """The autoencoder's hyperparameters; the defaults are Stable Diffusion's VAE."""
     c = ml_collections.ConfigDict()
+    # "kl": a Gaussian posterior over continuous latents (Transfusion's); "vq": the nearest of
+    # `codebook_size` code vectors of `latent_channels` each (the discrete tokens of Chameleon).
+    c.kind = "kl"
+    c.codebook_size = 16_384  # vq: codes in the codebook (the paper's Chameleon baseline: 16,384).
     # Width of each resolution level (diffusers block_out_channels); the image is downsampled by 2
     # between consecutive levels, so the latent is 2**(len(channels) - 1) times smaller.
     c.channels = (128, 256, 512, 512)
@@ -161,7 +167,9 @@ class Level(nnx.Module):
 
 
 class Encoder(nnx.Module):
-    def __init__(self, cfg, *, dt, rngs):
+    """Image -> `out_channels` per latent position (the KL's 2 * latent_channels moments)."""
+
+    def __init__(self, cfg, *, dt, rngs, out_channels: int | None = None):
         ch = tuple(cfg.channels)
         self.conv_in = _conv(rngs, cfg.in_channels, ch[0], 3, dt=dt)
         self.levels = nnx.List()
@@ -173,7 +181,8 @@ class Encoder(nnx.Module):
             )
         self.mid = MidBlock(ch[-1], cfg, dt=dt, rngs=rngs)
         self.norm_out = _group_norm(rngs, ch[-1], cfg, dt)
-        self.conv_out = _conv(rngs, ch[-1], 2 * cfg.latent_channels, 3, dt=dt)
+        out_channels = out_channels or 2 * cfg.latent_channels
+        self.conv_out = _conv(rngs, ch[-1], out_channels, 3, dt=dt)
 
     def __call__(self, x):
         x = self.conv_in(x)
@@ -237,6 +246,61 @@ class AutoencoderKL(nnx.Module):
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z).astype(jnp.float32)
+
+    def reconstruct(self, x: jax.Array) -> jax.Array:
+        """decode(posterior mean of x)."""
+        return self.decode(self.encode(x)[0])
+
+
+class AutoencoderVQ(nnx.Module):
+    """Images x [N, H, W, in_channels] in [-1, 1] <-> code ids [N, H/f, W/f] (VQGAN's layout:
+    encoder, 1x1 quant_conv, nearest code, 1x1 post_quant_conv, decoder)."""
+
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        from transfusion_jax.vae.quantizer import VectorQuantizer
+
+        self.downsample, self.latent_channels = downsampling(cfg.channels), cfg.latent_channels
+        dt = dict(dtype=to_dtype(cfg.dtype), param_dtype=to_dtype(cfg.param_dtype))
+        lc = cfg.latent_channels
+        self.encoder = Encoder(cfg, dt=dt, rngs=rngs, out_channels=lc)
+        self.quant_conv = _conv(rngs, lc, lc, 1, dt=dt) if cfg.quant_conv else None
+        self.quantizer = VectorQuantizer(cfg.codebook_size, lc, rngs)
+        self.post_quant_conv = _conv(rngs, lc, lc, 1, dt=dt) if cfg.post_quant_conv else None
+        self.decoder = Decoder(cfg, dt=dt, rngs=rngs)
+
+    def encode(self, x: jax.Array) -> jax.Array:
+        """The encoder's continuous output z [N, h, w, latent_channels] (float32), before the
+        codebook."""
+        z = self.encoder(x)
+        if self.quant_conv is not None:
+            z = self.quant_conv(z)
+        return z.astype(jnp.float32)
+
+    def decode(self, z_q: jax.Array) -> jax.Array:
+        """Images [N, H, W, in_channels] (float32, not clipped) from code vectors."""
+        if self.post_quant_conv is not None:
+            z_q = self.post_quant_conv(z_q.astype(self.post_quant_conv.kernel.dtype))
+        return self.decoder(z_q).astype(jnp.float32)
+
+    def encode_ids(self, x: jax.Array) -> jax.Array:
+        """Code ids [N, h, w] (int32) of images."""
+        return self.quantizer.codes(self.encode(x))
+
+    def decode_ids(self, ids: jax.Array) -> jax.Array:
+        """Images from code ids [N, h, w]."""
+        return self.decode(self.quantizer.lookup(ids))
+
+    def reconstruct(self, x: jax.Array) -> jax.Array:
+        """decode(nearest codes(encode(x))): what the tokens of x look like."""
+        return self.decode_ids(self.encode_ids(x))
+
+
+def make_autoencoder(cfg, rngs: nnx.Rngs) -> "AutoencoderKL | AutoencoderVQ":
+    """The autoencoder `cfg.kind` names ("kl" or "vq")."""
+    kinds = {"kl": AutoencoderKL, "vq": AutoencoderVQ}
+    if cfg.get("kind", "kl") not in kinds:
+        raise ValueError(f"config field vae.kind: {cfg.kind!r} is not 'kl' or 'vq'")
+    return kinds[cfg.get("kind", "kl")](cfg, rngs)
 
 
 @nnx.jit
@@ -321,3 +385,37 @@ class VAE:
                 "resize or crop the images to a multiple of it"
             )
         return int(hw[0]) // f, int(hw[1]) // f, self.latent_channels
+
+
+@nnx.jit
+def _encode_ids(module, x):
+    return module.encode_ids(x)
+
+
+@nnx.jit
+def _decode_ids(module, ids):
+    return module.decode_ids(ids)
+
+
+@dataclasses.dataclass
+class VQTokenizer:
+    """A trained VQ autoencoder as the discrete image tokenizer: images <-> code ids."""
+
+    module: AutoencoderVQ
+    cfg: ml_collections.ConfigDict
+
+    @property
+    def codebook_size(self) -> int:
+        return self.cfg.codebook_size
+
+    @property
+    def downsample(self) -> int:
+        return downsampling(self.cfg.channels)
+
+    def encode_ids(self, x) -> jax.Array:
+        """Code ids [N, h, w] (int32) of images [N, H, W, 3] in [-1, 1]."""
+        return _encode_ids(self.module, jnp.asarray(x))
+
+    def decode_ids(self, ids) -> jax.Array:
+        """Images [N, H, W, 3] (about [-1, 1], not clipped) from code ids [N, h, w]."""
+        return _decode_ids(self.module, jnp.asarray(ids, jnp.int32))

@@ -70,6 +70,12 @@ def vae_base_config() -> ml_collections.ConfigDict:
     c.loss.kl_weight = 1e-6
     # LPIPS weight (LDM: 1.0); needs loss.perceptual_path. 0 = no perceptual loss.
     c.loss.perceptual_weight = 0.0
+    # vae.kind = "vq": beta of the commitment loss mean((z - sg(e))^2) (VQ-VAE: 0.25).
+    c.loss.commitment_weight = 0.25
+    c.loss.codebook_decay = 0.99  # vq: decay of the codebook's moving averages (VQ-VAE-2: 0.99).
+    # vq: a code whose (bias-corrected) moving-average count falls below this share of the
+    # uniform count (code vectors per step / codebook_size) is restarted on a random encoder output.
+    c.loss.restart_share = 0.03
     # A safetensors file of torchvision VGG16 features.* tensors (+ lpips' lin0..lin4).
     c.loss.perceptual_path = ""
     c.loss.disc_weight = 0.0  # PatchGAN adversarial loss weight; 0 = no discriminator.
@@ -100,6 +106,13 @@ def resolve_vae(cfg) -> ml_collections.ConfigDict:
     """A checked copy of a VAE training config."""
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     check_architecture(cfg.vae)
+    if cfg.vae.kind == "vq":
+        _check(
+            0.0 <= cfg.loss.codebook_decay < 1.0,
+            "loss.codebook_decay",
+            f"{cfg.loss.codebook_decay} must be in [0, 1)",
+        )
+        _check(cfg.loss.restart_share >= 0, "loss.restart_share", "must be >= 0 (0: no restarts)")
     _check(cfg.vae.in_channels == 3, "vae.in_channels", "images are RGB here (3)")
     factor = downsampling(cfg.vae.channels)
     size = cfg.data.image_size
@@ -144,6 +157,12 @@ def resolve_vae(cfg) -> ml_collections.ConfigDict:
 
 
 def check_architecture(v) -> None:
+    _check(v.kind in ("kl", "vq"), "vae.kind", f"{v.kind!r} is not 'kl' or 'vq'")
+    _check(
+        v.kind == "kl" or v.codebook_size >= 2,
+        "vae.codebook_size",
+        f"{v.codebook_size}: a codebook needs at least 2 codes",
+    )
     _check(len(v.channels) >= 1, "vae.channels", "needs at least one level")
     _check(v.latent_channels >= 1, "vae.latent_channels", f"{v.latent_channels} must be >= 1")
     for width in v.channels:

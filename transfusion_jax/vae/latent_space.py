@@ -87,6 +87,42 @@ def _latent_space(path: str) -> LatentSpace:
 
 
 def _workdir_space(path: epath.Path) -> LatentSpace:
+    v, info = _stored_vae(path)
+    if v.get("kind", "kl") != "kl":
+        raise ValueError(
+            f"config field image.vae_path: {path} is a VQ tokenizer (vae.kind={v['kind']!r}); "
+            "continuous images need a KL VAE (python -m transfusion_jax.train_vae --config "
+            "vae_tiny ...)"
+        )
+    scale, shift = trained_normalisation(v, info)
+    return LatentSpace(str(path), downsampling(v["channels"]), v["latent_channels"], scale, shift)
+
+
+@functools.lru_cache(maxsize=16)  # configs are resolved often; the files are read once
+def vq_space(path: str) -> tuple[int, int]:
+    """(downsampling, codebook size) of the VQ tokenizer trained in workdir `path`, from its
+    stored config (no weights read); errors name image.vae_path."""
+    path = as_path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config field image.vae_path: {path} does not exist")
+    if not (path / "checkpoints").is_dir():
+        raise ValueError(
+            f"config field image.vae_path: {path} is not a train_vae workdir (no checkpoints/)"
+        )
+    stored, _ = _stored_vae(path)
+    kind = stored.get("kind", "kl")
+    if kind != "vq":
+        raise ValueError(
+            f"config field image.vae_path: {path} is a KL VAE (vae.kind={kind!r}); discrete "
+            "images need a VQ tokenizer (python -m transfusion_jax.train_vae "
+            "--config vq_tiny ...)"
+        )
+    return downsampling(stored["channels"]), int(stored["codebook_size"])
+
+
+def _stored_vae(path: epath.Path) -> tuple[dict, dict]:
+    """(the `vae` config section, the saved info) of the newest checkpoint of a train_vae
+    workdir; errors name image.vae_path."""
     from transfusion_jax.checkpoint import Checkpointer
 
     checkpoints = Checkpointer(path / "checkpoints", keep=None, read_only=True)
@@ -101,9 +137,7 @@ def _workdir_space(path: epath.Path) -> LatentSpace:
             f"config field image.vae_path: {path} holds no trained VAE (no checkpoint with a "
             f"'vae' config; is it a python -m transfusion_jax.train_vae workdir?)"
         )
-    v = stored["vae"]
-    scale, shift = trained_normalisation(v, info)
-    return LatentSpace(str(path), downsampling(v["channels"]), v["latent_channels"], scale, shift)
+    return stored["vae"], info
 
 
 def trained_normalisation(vae_cfg, info: dict) -> tuple[np.ndarray, np.ndarray]:

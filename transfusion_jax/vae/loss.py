@@ -1,6 +1,8 @@
-"""The autoencoder's objective: reconstruction + beta * KL, and an optional PatchGAN.
+"""The autoencoder's objective: reconstruction + beta * KL (or, for the VQ autoencoder, the
+commitment loss), and an optional PatchGAN.
 
-  loss = l1_weight * |x - x'| + l2_weight * (x - x')^2 + kl_weight * KL
+  loss = l1_weight * |x - x'| + l2_weight * (x - x')^2 + kl_weight * KL      (vae.kind "kl")
+                                                     + commitment_weight * |z - sg(e)|^2  ("vq")
          + perceptual_weight * LPIPS(x, x')                              (perceptual.py)
          + [step >= disc_start] * disc_weight * (-D(x'))            (generator side)
          + [step >= disc_start] * hinge(D(x), D(x'))                 (discriminator side)
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from transfusion_jax.layers import fan_in_init, sharded
-from transfusion_jax.vae.autoencoder import sample_posterior
+from transfusion_jax.vae.autoencoder import AutoencoderVQ, sample_posterior
 
 
 def kl_to_standard_normal(mean: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -77,19 +79,35 @@ class PatchDiscriminator(nnx.Module):
         return self.last(h)
 
 
+def regularized_reconstruction(autoencoder, x, key, loss_cfg):
+    """(reconstruction, weighted regulariser, metrics) of images x: a posterior sample decoded
+    with the KL term, or (VQ) the straight-through codes decoded with the commitment term. The VQ
+    metrics carry the step's encoder outputs and codes under `_encodings` / `_codes` for the
+    codebook update that follows the optimizer step (vae/train_step.py); they are not logged."""
+    if isinstance(autoencoder, AutoencoderVQ):
+        z = autoencoder.encode(x)
+        z_q, ids, commitment = autoencoder.quantizer(z)
+        metrics = dict(
+            commitment=commitment,
+            _encodings=jax.lax.stop_gradient(z.reshape(-1, z.shape[-1])),
+            _codes=ids.reshape(-1),
+        )
+        return autoencoder.decode(z_q), loss_cfg.commitment_weight * commitment, metrics
+    mean, logvar = autoencoder.encode(x)
+    reconstruction = autoencoder.decode(sample_posterior(mean, logvar, key))
+    kl = jnp.mean(kl_to_standard_normal(mean, logvar)) / x[0].size
+    return reconstruction, loss_cfg.kl_weight * kl, dict(kl=kl)
+
+
 def vae_loss(autoencoder, discriminator, x, key, step, loss_cfg, lpips=None):
     """(loss, metrics) of a batch of images x [B, H, W, 3] in [-1, 1]; `lpips` (frozen) adds
     loss.perceptual_weight times the perceptual distance."""
-    mean, logvar = autoencoder.encode(x)
-    z = sample_posterior(mean, logvar, key)
-    reconstruction = autoencoder.decode(z)
+    reconstruction, regulariser, metrics = regularized_reconstruction(autoencoder, x, key, loss_cfg)
     error = reconstruction - x
     l1 = jnp.mean(jnp.abs(error))
     l2 = jnp.mean(jnp.square(error))
-    pixel_values = x[0].size
-    kl = jnp.mean(kl_to_standard_normal(mean, logvar)) / pixel_values
-    loss = loss_cfg.l1_weight * l1 + loss_cfg.l2_weight * l2 + loss_cfg.kl_weight * kl
-    metrics = dict(l1=l1, l2=l2, kl=kl, psnr=jnp.mean(psnr(reconstruction, x)))
+    loss = loss_cfg.l1_weight * l1 + loss_cfg.l2_weight * l2 + regulariser
+    metrics.update(l1=l1, l2=l2, psnr=jnp.mean(psnr(reconstruction, x)))
     if lpips is not None:
         perceptual = jnp.mean(lpips(x, reconstruction))
         loss = loss + loss_cfg.perceptual_weight * perceptual

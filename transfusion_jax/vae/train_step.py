@@ -4,6 +4,8 @@ EMA, AOT compile) with the autoencoder (and an optional discriminator) as the mo
 
 The state's params are `{"autoencoder": ..., "discriminator": ...}` (the second only with
 `loss.disc_weight` > 0); one AdamW updates both, since each side's gradient is its own (loss.py).
+A VQ autoencoder's codebook is not a gradient step's: `after_update` sets it (and its moving
+averages) from the step's encoder outputs (quantizer.py).
 """
 
 import dataclasses
@@ -16,17 +18,25 @@ from flax import nnx
 
 from transfusion_jax import sharding as shd
 from transfusion_jax.train_step import TrainProgram
-from transfusion_jax.vae.autoencoder import AutoencoderKL, sample_posterior
+from transfusion_jax.vae.autoencoder import (
+    AutoencoderKL,
+    AutoencoderVQ,
+    make_autoencoder,
+    sample_posterior,
+)
 from transfusion_jax.vae.config import resolve_vae
 from transfusion_jax.vae.loss import PatchDiscriminator, vae_loss
 from transfusion_jax.vae.perceptual import load_lpips
+from transfusion_jax.vae.quantizer import ema_codebook_update
+
+CODEBOOK_STREAM = 0xC0DE  # folded into a step's key for the dead-code restarts
 
 
 class VAETraining(nnx.Module):
     """The trained modules, as one tree."""
 
     def __init__(self, cfg, rngs: nnx.Rngs):
-        self.autoencoder = AutoencoderKL(cfg.vae, rngs)
+        self.autoencoder = make_autoencoder(cfg.vae, rngs)
         loss = cfg.loss
         self.discriminator = (
             PatchDiscriminator(loss.disc_channels, loss.disc_layers, rngs)
@@ -44,7 +54,7 @@ class VAETrainProgram(TrainProgram):
 
     def setup(self) -> None:
         """The perceptual network, frozen, when loss.perceptual_weight > 0."""
-        self.vae = None  # no frozen encoder: this program trains the autoencoder
+        self.vae = self.vq = None  # no frozen encoder: this program trains the autoencoder
         if self.cfg.loss.perceptual_weight > 0 and self.frozen_weights:
             lpips = load_lpips(self.cfg.loss.perceptual_path)
             self.lpips_graphdef = nnx.graphdef(lpips)
@@ -59,25 +69,51 @@ class VAETrainProgram(TrainProgram):
             model.autoencoder, model.discriminator, batch, rng, step, self.cfg.loss, lpips
         )
 
+    def after_update(self, params, metrics, rng, step):
+        """The VQ codebook from this step's encoder outputs (its moving averages, dead codes
+        restarted); the step's `_encodings` / `_codes` leave the metrics here."""
+        if self.cfg.vae.kind != "vq":
+            return params, metrics
+        metrics = dict(metrics)
+        z, ids = metrics.pop("_encodings"), metrics.pop("_codes")
+        autoencoder = params["autoencoder"]
+        quantizer, codebook_metrics = ema_codebook_update(
+            autoencoder["quantizer"],
+            z,
+            ids,
+            jax.random.fold_in(rng, CODEBOOK_STREAM),
+            step + 1,
+            self.cfg.loss.codebook_decay,
+            self.cfg.loss.restart_share,
+        )
+        params = {**params, "autoencoder": {**autoencoder, "quantizer": quantizer}}
+        return params, metrics | codebook_metrics
+
     # -- outside the step -----------------------------------------------------------------------
 
-    def autoencoder(self, params) -> AutoencoderKL:
+    def autoencoder(self, params) -> AutoencoderKL | AutoencoderVQ:
         return self.model(params).autoencoder
 
     def compile_scores(self, shape):
-        """Per-image (psnr, ssim, l1) of the posterior-mean reconstructions of images `shape`."""
+        """Per-image (psnr, ssim, l1) of the reconstructions of images `shape` (posterior mean,
+        or nearest codes); a VQ autoencoder adds the `codes` [N, h, w]."""
 
         def scores(params, images):
             autoencoder = self.autoencoder(params)
-            mean, _ = autoencoder.encode(images)
-            reconstruction = jnp.clip(autoencoder.decode(mean), -1.0, 1.0)
+            if isinstance(autoencoder, AutoencoderVQ):
+                codes = autoencoder.encode_ids(images)
+                reconstruction = autoencoder.decode_ids(codes)
+            else:
+                codes, reconstruction = None, autoencoder.reconstruct(images)
+            reconstruction = jnp.clip(reconstruction, -1.0, 1.0)
             x, y = (images + 1.0) / 2.0, (reconstruction + 1.0) / 2.0  # [0, 1] for the metrics
-            return dict(
+            out = dict(
                 psnr=dm_pix.psnr(x, y),
                 ssim=dm_pix.ssim(x, y),
                 # on [-1, 1], as the training loss's l1
                 l1=jnp.mean(jnp.abs(images - reconstruction), axis=(1, 2, 3)),
             )
+            return out if codes is None else out | dict(codes=codes)
 
         return self._compile_on_params(scores, shape)
 

@@ -1,0 +1,76 @@
+"""Images as discrete tokens: the Chameleon baseline on the same transformer.
+
+A discrete run (`model.image_repr = "discrete"`) reads the same packed rows as a Transfusion run:
+each image is `BOI`, N positions, `EOI`, in caption-first or image-first documents with the same
+80/20 order and caption drop; the image slots carry pixels. The train step turns every slot into
+the VQ tokenizer's code ids (one id per patch_size x patch_size window, so N = codes per image),
+writes code c at its position as token `image_token_offset + c`, and marks every position as text.
+From there it is a language model: causal attention everywhere and the next-token loss over every
+target, text and image alike (`discrete_loss`), as Chameleon trains.
+
+    BOS a red circle BOI c0 c1 ... c63 EOI EOS      (ids of c: text vocabulary + code)
+"""
+
+import jax
+import jax.numpy as jnp
+
+from transfusion_jax.batch import Batch, patch_index, text_target_mask
+from transfusion_jax.loss import after_an_image, next_token_ce
+
+
+def with_image_tokens(batch: Batch, codes: jax.Array, offset: int) -> Batch:
+    """The batch with code ids codes [B, M, N] (int, raster order per slot) written as tokens at
+    the image positions and every position marked text (image_ids = -1). Unused slots' codes are
+    never read."""
+    b, m, n = codes.shape
+    index = patch_index(batch.image_ids, m, n)
+    image_tokens = jnp.take_along_axis(codes.reshape(b, m * n), index, axis=1) + offset
+    is_image = batch.image_ids >= 0
+    return batch.replace(
+        tokens=jnp.where(is_image, image_tokens, batch.tokens).astype(jnp.int32),
+        image_ids=jnp.full_like(batch.image_ids, -1),
+    )
+
+
+def _target_masks(batch: Batch, offset: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """bool [B, L] (every target, targets that are image codes, text targets after an image) of a
+    batch holding its image tokens; image positions are the tokens >= `offset`."""
+    targets = text_target_mask(batch.segment_ids, batch.image_ids)
+    is_image = batch.tokens >= offset
+    next_is_image = jnp.pad(is_image[:, 1:], ((0, 0), (0, 1)))
+    after = after_an_image(batch.segment_ids, jnp.where(is_image, 0, -1))
+    return targets, targets & next_is_image, targets & after & ~is_image & ~next_is_image
+
+
+def discrete_counts(batch: Batch, offset: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(targets, image-code targets, text targets after an image) of a whole batch: the
+    denominators of its micro-batches' means."""
+    return tuple(jnp.sum(mask) for mask in _target_masks(batch, offset))
+
+
+def discrete_loss(model, batch: Batch, offset: int, counts=None):
+    """(loss, metrics) of a batch holding its image tokens (`with_image_tokens`): the mean
+    next-token cross-entropy over every target, text and image code alike. The logs split it
+    into image-code and text targets, and the text after an image (`lm_loss_after_image`, a
+    caption read from its image). `counts` = `discrete_counts` of the whole batch when this is
+    one of its micro-batches."""
+    logits, _ = model(batch, None, None)
+    ce = next_token_ce(logits, batch.tokens)
+    targets, image_targets, after = _target_masks(batch, offset)
+    totals = counts or discrete_counts(batch, offset)
+    text_total = totals[0] - totals[1]
+
+    def mean(where, total):
+        return jnp.sum(jnp.where(where, ce, 0.0)) / jnp.maximum(total, 1)
+
+    loss = mean(targets, totals[0])
+    metrics = dict(
+        loss=loss,
+        lm_loss=loss,
+        image_token_loss=mean(image_targets, totals[1]),
+        text_token_loss=mean(targets & ~image_targets, text_total),
+        lm_loss_after_image=mean(after, totals[2]),
+        num_text_targets=jnp.sum(targets & ~image_targets),
+        num_image_targets=jnp.sum(image_targets),
+    )
+    return loss, metrics
