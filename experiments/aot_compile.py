@@ -191,11 +191,12 @@ def measure(args, devices, seq: int, batch: int | None, log=print) -> dict:
         raise ValueError(f"--batch {batch}: not divisible by data x fsdp = {shards} batch shards")
     cfg = make_config(args, seq, batch, shards)
     counts = parameter_counts(cfg)
-    m = cfg.model
+    model = cfg.model
     log(
         f"config={args.config} params={counts['total']} ({counts['total'] / 1e9:.2f}B) "
-        f"depth={m.depth} d_model={m.d_model} heads={m.num_heads} dtype={m.dtype} "
-        f"remat={m.remat_policy} attention={m.attention} grad_accum={cfg.train.grad_accum_steps}"
+        f"depth={model.depth} d_model={model.d_model} heads={model.num_heads} "
+        f"dtype={model.dtype} remat={model.remat_policy} attention={model.attention} "
+        f"grad_accum={cfg.train.grad_accum_steps}"
     )
     log(
         f"mesh={dict(mesh.shape)} batch={batch} rows_per_batch_shard={batch / shards:g} seq={seq} "

@@ -200,103 +200,105 @@ _DTYPES = ("float32", "bfloat16", "float16")
 def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Returns a copy of the config with the 0 = default fields filled in, after checking it."""
     cfg = ml_collections.ConfigDict(cfg.to_dict())
-    m, im, p = cfg.model, cfg.image, cfg.patch  # the sections checked here
-    m.num_kv_heads = m.num_kv_heads or m.num_heads
-    m.head_dim = m.head_dim or m.d_model // m.num_heads
-    m.ffn_dim = m.ffn_dim or llama_ffn_dim(m.d_model)
+    model, image, patch = cfg.model, cfg.image, cfg.patch  # the sections checked here
+    model.num_kv_heads = model.num_kv_heads or model.num_heads
+    model.head_dim = model.head_dim or model.d_model // model.num_heads
+    model.ffn_dim = model.ffn_dim or llama_ffn_dim(model.d_model)
     _check(
-        m.image_repr in IMAGE_REPRESENTATIONS,
+        model.image_repr in IMAGE_REPRESENTATIONS,
         "model.image_repr",
-        f"{m.image_repr!r} is not one of {IMAGE_REPRESENTATIONS}",
+        f"{model.image_repr!r} is not one of {IMAGE_REPRESENTATIONS}",
     )
-    if m.image_repr == "discrete":
+    if model.image_repr == "discrete":
         _follow_the_tokenizer(cfg)
     else:
-        im.codebook_size = 0
+        image.codebook_size = 0
     if "data" in cfg and cfg.data.latents == "pixels":
-        im.latent_size = im.latent_size or cfg.data.image_size
-        im.latent_channels = im.latent_channels or 3
+        image.latent_size = image.latent_size or cfg.data.image_size
+        image.latent_channels = image.latent_channels or 3
     elif "data" in cfg and cfg.data.latents == "vae":
         _follow_the_vae(cfg)
     elif "data" in cfg:
         _check(False, "data.latents", f"{cfg.data.latents!r} is not 'pixels' or 'vae'")
     _check(
-        im.latent_size > 0 and im.latent_channels > 0,
+        image.latent_size > 0 and image.latent_channels > 0,
         "image.latent_size",
         "0 (follow the data) works in pixel space only; give the VAE's latent size and channels",
     )
     _check(
-        m.num_heads % m.num_kv_heads == 0,
+        model.num_heads % model.num_kv_heads == 0,
         "model.num_kv_heads",
-        f"{m.num_kv_heads} must divide model.num_heads={m.num_heads}",
+        f"{model.num_kv_heads} must divide model.num_heads={model.num_heads}",
     )
-    _check(m.head_dim % 2 == 0, "model.head_dim", f"{m.head_dim} must be even for RoPE")
+    _check(model.head_dim % 2 == 0, "model.head_dim", f"{model.head_dim} must be even for RoPE")
     for key in ("param_dtype", "dtype"):
-        _check(m[key] in _DTYPES, f"model.{key}", f"{m[key]!r} is not one of {_DTYPES}")
+        _check(model[key] in _DTYPES, f"model.{key}", f"{model[key]!r} is not one of {_DTYPES}")
     _check(
-        m.attention in IMPLEMENTATIONS,
+        model.attention in IMPLEMENTATIONS,
         "model.attention",
-        f"{m.attention!r} is not one of {IMPLEMENTATIONS}",
+        f"{model.attention!r} is not one of {IMPLEMENTATIONS}",
     )
     _check(
-        m.attention != "cudnn" or m.dtype in ("bfloat16", "float16"),
+        model.attention != "cudnn" or model.dtype in ("bfloat16", "float16"),
         "model.attention",
         "cudnn attention needs model.dtype bfloat16 or float16",
     )
     _check(
-        m.image_attention in IMAGE_ATTENTION,
+        model.image_attention in IMAGE_ATTENTION,
         "model.image_attention",
-        f"{m.image_attention!r} is not one of {IMAGE_ATTENTION}",
+        f"{model.image_attention!r} is not one of {IMAGE_ATTENTION}",
     )
-    k = im.patch_size
+    k = image.patch_size
     _check(k in (1, 2, 4, 8), "image.patch_size", f"{k} is not one of 1, 2, 4, 8")
     _check(
-        im.latent_size % k == 0,
+        image.latent_size % k == 0,
         "image.latent_size",
-        f"{im.latent_size} is not a multiple of image.patch_size={k}",
+        f"{image.latent_size} is not a multiple of image.patch_size={k}",
     )
-    if im.max_images == 0:
+    if image.max_images == 0:
         _check("data" in cfg, "image.max_images", "0 (derived) needs the data section's seq_len")
-        im.max_images = derived_max_images(cfg.data, (im.latent_size // k) ** 2)
-    _check(im.max_images >= 1, "image.max_images", "needs at least one image slot per row")
-    _check(p.kind in ("linear", "unet"), "patch.kind", f"{p.kind!r} is not 'linear' or 'unet'")
-    if p.kind == "unet":
+        image.max_images = derived_max_images(cfg.data, (image.latent_size // k) ** 2)
+    _check(image.max_images >= 1, "image.max_images", "needs at least one image slot per row")
+    _check(
+        patch.kind in ("linear", "unet"), "patch.kind", f"{patch.kind!r} is not 'linear' or 'unet'"
+    )
+    if patch.kind == "unet":
         levels = int(math.log2(k)) + 1
         _check(
-            len(p.unet_channels) >= levels,
+            len(patch.unet_channels) >= levels,
             "patch.unet_channels",
-            f"patch_size={k} needs {levels} widths, got {tuple(p.unet_channels)} (for a U-Net "
+            f"patch_size={k} needs {levels} widths, got {tuple(patch.unet_channels)} (for a U-Net "
             f"of about the same size: config.matched_unet_channels; configs/paper.py takes the "
             f"patch size in its argument, e.g. paper:0.76b,unet,p{k})",
         )
-    d = cfg.diffusion
+    diffusion = cfg.diffusion
     _check(
-        d.objective in ("epsilon", "flow"),
+        diffusion.objective in ("epsilon", "flow"),
         "diffusion.objective",
-        f"{d.objective!r} is not 'epsilon' or 'flow'",
+        f"{diffusion.objective!r} is not 'epsilon' or 'flow'",
     )
     _check(
-        0 < d.noise_limit <= d.num_timesteps,
+        0 < diffusion.noise_limit <= diffusion.num_timesteps,
         "diffusion.noise_limit",
-        f"{d.noise_limit} must be in (0, num_timesteps={d.num_timesteps}]",
+        f"{diffusion.noise_limit} must be in (0, num_timesteps={diffusion.num_timesteps}]",
     )
     _check(
-        0.0 <= d.cond_drop_rate < 1.0,
+        0.0 <= diffusion.cond_drop_rate < 1.0,
         "diffusion.cond_drop_rate",
-        f"{d.cond_drop_rate} must be in [0, 1) (a share of captions dropped)",
+        f"{diffusion.cond_drop_rate} must be in [0, 1) (a share of captions dropped)",
     )
-    if p.kind == "unet":
-        for level, width in enumerate(p.unet_channels[:levels]):
-            heads = unet_attention_heads(width, p.unet_head_dim)
-            attends = unet_attends(im.latent_size, level, p.unet_attention_resolution)
+    if patch.kind == "unet":
+        for level, width in enumerate(patch.unet_channels[:levels]):
+            heads = unet_attention_heads(width, patch.unet_head_dim)
+            attends = unet_attends(image.latent_size, level, patch.unet_attention_resolution)
             _check(
                 not attends or width % heads == 0,
                 "patch.unet_head_dim",
-                f"{p.unet_head_dim} splits the U-Net's width {width} into {heads} heads unevenly; "
-                f"choose a head size whose multiple is {width}",
+                f"{patch.unet_head_dim} splits the U-Net's width {width} into {heads} heads "
+                f"unevenly; choose a head size whose multiple is {width}",
             )
     if "data" in cfg:
-        _check_data(cfg.data, (im.latent_size // k) ** 2)
+        _check_data(cfg.data, (image.latent_size // k) ** 2)
     if "train" in cfg:
         _check_training(cfg)
     return cfg
@@ -388,14 +390,14 @@ def matched_unet_channels(
     the nearest), the closest to the scaled widths. At `reference_patch_size` it is the reference
     widths themselves. The config's latent must be known (pixel space follows data.image_size).
     At the tiny scale widths are a few multiples of the head size: give `multiple=8`."""
-    p, im = cfg.patch, cfg.image
+    patch, image = cfg.patch, cfg.image
     pixels = cfg.data.latents == "pixels"
-    size = im.latent_size or (cfg.data.image_size if pixels else 0)
-    channels = im.latent_channels or (3 if pixels else 0)
+    size = image.latent_size or (cfg.data.image_size if pixels else 0)
+    channels = image.latent_channels or (3 if pixels else 0)
     _check(size > 0 and channels > 0, "image.latent_size", "give the VAE's latent size, channels")
     for k in (patch_size, reference_patch_size):
         _check(k in (1, 2, 4, 8), "image.patch_size", f"{k} is not one of 1, 2, 4, 8")
-    reference, levels = tuple(p.unet_channels), int(math.log2(patch_size)) + 1
+    reference, levels = tuple(patch.unet_channels), int(math.log2(patch_size)) + 1
     reference_levels = int(math.log2(reference_patch_size)) + 1
     _check(
         len(reference) >= reference_levels,
@@ -405,23 +407,23 @@ def matched_unet_channels(
     if patch_size == reference_patch_size:
         return reference[:levels]
     shape = (reference + reference[-1:] * levels)[:levels]  # too few widths: repeat the last
-    multiple = multiple or p.unet_head_dim
+    multiple = multiple or patch.unet_head_dim
 
     def count(widths):
         return unet_parameter_count(
             widths,
-            blocks=p.unet_blocks,
+            blocks=patch.unet_blocks,
             latent_size=size,
             latent_channels=channels,
-            attention_resolution=p.unet_attention_resolution,
-            time_embed_dim=p.time_embed_dim,
+            attention_resolution=patch.unet_attention_resolution,
+            time_embed_dim=patch.time_embed_dim,
             d_model=cfg.model.d_model,
         )
 
     def allowed(widths):  # attention heads divide the width; no width falls where shape rises
         heads = all(
-            not unet_attends(size, level, p.unet_attention_resolution)
-            or width % unet_attention_heads(width, p.unet_head_dim) == 0
+            not unet_attends(size, level, patch.unet_attention_resolution)
+            or width % unet_attention_heads(width, patch.unet_head_dim) == 0
             for level, width in enumerate(widths)
         )
         return heads and all(
@@ -454,17 +456,17 @@ def data_recipe_warnings(cfg: ml_collections.ConfigDict) -> list[str]:
     """Where a data.recipe = "paper" run departs from the paper's data in what the user must
     supply (a text corpus, the Llama-2 tokenizer): one line each, which the trainer prints at
     start. The synthetic benchmark source reads no data: none."""
-    d = cfg.data
-    if d.get("recipe", "") != "paper" or d.source == "synthetic":
+    data = cfg.data
+    if data.get("recipe", "") != "paper" or data.source == "synthetic":
         return []
     warnings = []
-    if d.source != "text" and not d.text_path:
+    if data.source != "text" and not data.text_path:
         warnings.append(
             "data.text_path is not set: the paper mixes text-only documents 1:1 "
             "(data.text_ratio) with the image-caption ones, and this run sees image-caption "
             "documents only; give a corpus with --config.data.text_path=PATH (.txt / .jsonl)"
         )
-    if d.tokenizer == "bytes" and cfg.model.vocab_size >= 32_000:  # not a byte-sized vocabulary
+    if data.tokenizer == "bytes" and cfg.model.vocab_size >= 32_000:  # not a byte-sized vocabulary
         warnings.append(
             f"data.tokenizer is 'bytes' against model.vocab_size={cfg.model.vocab_size}, the "
             f"size of the paper's Llama-2 SentencePiece tokenizer; give it with "
@@ -544,7 +546,7 @@ def _follow_the_tokenizer(cfg) -> None:
     """A discrete run: images arrive as pixels, the VQ tokenizer at image.vae_path turns each
     patch_size x patch_size window into one code id on the devices (so patch_size is the
     tokenizer's downsampling), and image.codebook_size comes from it too."""
-    im = cfg.image
+    image = cfg.image
     if "data" in cfg:
         _check(
             cfg.data.latents == "pixels",
@@ -552,9 +554,9 @@ def _follow_the_tokenizer(cfg) -> None:
             f"{cfg.data.latents!r}: discrete images arrive as pixels that the VQ tokenizer "
             "encodes in the step; set data.latents=pixels",
         )
-    if not im.vae_path:  # shape-only uses (parameter counts, memory proofs) need no tokenizer
+    if not image.vae_path:  # shape-only uses (parameter counts, memory proofs) need no tokenizer
         _check(
-            im.codebook_size >= 2,
+            image.codebook_size >= 2,
             "image.vae_path",
             "model.image_repr='discrete' needs the VQ tokenizer, a workdir of python -m "
             "transfusion_jax.train_vae --config vq_tiny (or image.codebook_size for shapes only)",
@@ -562,19 +564,19 @@ def _follow_the_tokenizer(cfg) -> None:
         return
     from transfusion_jax.vae.latent_space import vq_space
 
-    downsample, codebook_size = vq_space(im.vae_path)
+    downsample, codebook_size = vq_space(image.vae_path)
     _check(
-        im.codebook_size in (0, codebook_size),
+        image.codebook_size in (0, codebook_size),
         "image.codebook_size",
-        f"{im.codebook_size} disagrees with the tokenizer at {im.vae_path} ({codebook_size}); "
-        "set it to 0 to follow the tokenizer",
+        f"{image.codebook_size} disagrees with the tokenizer at {image.vae_path} "
+        f"({codebook_size}); set it to 0 to follow the tokenizer",
     )
-    im.codebook_size = codebook_size
+    image.codebook_size = codebook_size
     _check(
-        im.patch_size == downsample,
+        image.patch_size == downsample,
         "image.patch_size",
-        f"{im.patch_size}: one code id stands for a {downsample}x{downsample} window of the "
-        f"tokenizer at {im.vae_path}; set image.patch_size={downsample}",
+        f"{image.patch_size}: one code id stands for a {downsample}x{downsample} window of the "
+        f"tokenizer at {image.vae_path}; set image.patch_size={downsample}",
     )
 
 
@@ -583,25 +585,25 @@ def _follow_the_vae(cfg) -> None:
     values that were given must agree with it."""
     from transfusion_jax.vae.latent_space import latent_space
 
-    im = cfg.image
-    if not im.vae_path:  # shape-only uses (parameter counts, memory proofs) need no VAE
+    image = cfg.image
+    if not image.vae_path:  # shape-only uses (parameter counts, memory proofs) need no VAE
         _check(
-            im.latent_size > 0 and im.latent_channels > 0,
+            image.latent_size > 0 and image.latent_channels > 0,
             "image.vae_path",
             "data.latents='vae' needs the VAE, a diffusers AutoencoderKL directory or a workdir "
             "of python -m transfusion_jax.train_vae",
         )
         return
-    space = latent_space(im.vae_path)
+    space = latent_space(image.vae_path)
     size = space.latent_size(cfg.data.image_size)
     for key, value in (("latent_size", size), ("latent_channels", space.channels)):
         _check(
-            im[key] in (0, value),
+            image[key] in (0, value),
             f"image.{key}",
-            f"{im[key]} disagrees with the VAE at {im.vae_path} ({value} for "
+            f"{image[key]} disagrees with the VAE at {image.vae_path} ({value} for "
             f"data.image_size={cfg.data.image_size}); set it to 0 to follow the VAE",
         )
-        im[key] = value
+        image[key] = value
 
 
 def images_arrive_as_pixels(cfg) -> bool:

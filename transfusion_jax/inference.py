@@ -66,8 +66,8 @@ class Pipeline:
 
             self.vq = load_vq(cfg.image.vae_path)
         self.tokenizer = make_tokenizer(cfg.data.tokenizer)
-        im = cfg.image
-        self.image_shape = (im.latent_size, im.latent_size, im.latent_channels)
+        image = cfg.image
+        self.image_shape = (image.latent_size, image.latent_size, image.latent_channels)
         self._bar, self._reporting = None, None
         self.generator = self._generator(progress=None)
 
@@ -75,13 +75,13 @@ class Pipeline:
         if self.vq is not None:
             from transfusion_jax.discrete_generator import DiscreteGenerator
 
-            im = self.cfg.image
+            image = self.cfg.image
             return DiscreteGenerator(
                 self.model,
                 self.tokenizer.special,
-                im.latent_size // im.patch_size,
+                image.latent_size // image.patch_size,
                 self.cfg.model.vocab_size,
-                im.codebook_size,
+                image.codebook_size,
                 num_ids=self.tokenizer.num_ids,
             )
         return Generator(

@@ -14,14 +14,14 @@ DECAYED_NAMES = ("kernel", "embedding")
 
 
 def learning_rate_schedule(cfg) -> optax.Schedule:
-    o = cfg.optimizer
-    decay_steps = o.decay_steps or cfg.train.num_steps
+    opt = cfg.optimizer
+    decay_steps = opt.decay_steps or cfg.train.num_steps
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
-        peak_value=o.peak_lr,
-        warmup_steps=o.warmup_steps,
-        decay_steps=max(decay_steps, o.warmup_steps + 1),
-        end_value=o.min_lr,
+        peak_value=opt.peak_lr,
+        warmup_steps=opt.warmup_steps,
+        decay_steps=max(decay_steps, opt.warmup_steps + 1),
+        end_value=opt.min_lr,
     )
 
 
@@ -35,15 +35,15 @@ def decay_mask(params):
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
-    o = cfg.optimizer
+    opt = cfg.optimizer
     return optax.chain(
-        optax.clip_by_global_norm(o.clip_norm),
+        optax.clip_by_global_norm(opt.clip_norm),
         optax.adamw(
             learning_rate_schedule(cfg),
-            b1=o.b1,
-            b2=o.b2,
-            eps=o.eps,
-            weight_decay=o.weight_decay,
+            b1=opt.b1,
+            b2=opt.b2,
+            eps=opt.eps,
+            weight_decay=opt.weight_decay,
             mask=decay_mask,
         ),
     )

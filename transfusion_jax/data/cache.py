@@ -82,10 +82,10 @@ def write_cache(
 def write_split_record(path, cfg) -> None:
     """PATH.split.json: the source and held-out share the cache left out, so evaluation of a run
     trained on it reads exactly the records it never saw."""
-    d = cfg.data
+    data = cfg.data
     keys = ("source", "path", "tfds_name", "tfds_split", "tfds_data_dir", "tfds_image_key")
-    record = {k: d[k] for k in keys} | {"tfds_caption_key": d.tfds_caption_key}
-    record["held_out_percent"] = d.held_out_percent
+    record = {k: data[k] for k in keys} | {"tfds_caption_key": data.tfds_caption_key}
+    record["held_out_percent"] = data.held_out_percent
     if record["path"]:
         record["path"] = str(absolute(record["path"]))
     split_record_path(path).write_text(json.dumps(record, indent=2) + "\n")
@@ -103,12 +103,14 @@ def main():
             vae.latent_shape(cfg.data.image_size)  # a clear error before any work
         except (OSError, ValueError) as e:
             raise ValueError(f"--vae {f.vae}: {e}") from e
-    d = cfg.data
+    data = cfg.data
     # Held-out records stay out of the cache: a run trained on it never sees what evaluation
     # reads from the folder (data.held_out_percent, as training from the folder would).
-    records = training_split(open_source(cfg), d.held_out_percent, "data.path")
+    records = training_split(open_source(cfg), data.held_out_percent, "data.path")
     start = time.perf_counter()
-    written, skipped = write_cache(records, d.image_size, out, d.max_image_pixels, vae, f.batch)
+    written, skipped = write_cache(
+        records, data.image_size, out, data.max_image_pixels, vae, f.batch
+    )
     write_split_record(out, cfg)
     rate = written / (time.perf_counter() - start)
     kind = f"VAE posteriors ({f.vae})" if vae else "pixels"

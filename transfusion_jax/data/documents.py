@@ -33,13 +33,13 @@ class ToDocument:
     def __init__(self, cfg, tokenizer, latent_space=None):
         """`latent_space` (vae.latent_space.LatentSpace) normalises the posteriors of a VAE
         latent cache; images decoded here stay pixels (in VAE mode the train step encodes them)."""
-        d = cfg.data
+        data = cfg.data
         self.tokenizer, self.special = tokenizer, tokenizer.special
-        self.image_size, self.latent_space = d.image_size, latent_space
+        self.image_size, self.latent_space = data.image_size, latent_space
         self.vae_sample = cfg.image.vae_sample
-        self.max_image_pixels = d.max_image_pixels
-        self.max_caption_tokens = d.max_caption_tokens
-        self.caption_first_prob = d.caption_first_prob
+        self.max_image_pixels = data.max_image_pixels
+        self.max_caption_tokens = data.max_caption_tokens
+        self.caption_first_prob = data.caption_first_prob
         self.cond_drop_rate = cfg.diffusion.cond_drop_rate
 
     def __call__(self, record: dict, rng: np.random.Generator):

@@ -30,18 +30,18 @@ def document_stream(
     records, cfg, tokenizer, seed: int, process_index: int, process_count: int, space=None
 ):
     """A grain IterDataset of documents (or Skipped markers) for this process."""
-    d = cfg.data
+    data = cfg.data
     dataset = grain.MapDataset.source(records).seed(seed).shuffle().repeat(None)
     # random_map before the shard: each document's draws are seeded by its global index, so the
     # processes' choices (direction, caption drop, which caption) are independent of each other.
     dataset = dataset.random_map(ToDocument(cfg, tokenizer, space))[process_index::process_count]
     stream = dataset.to_iter_dataset(
-        grain.ReadOptions(num_threads=d.num_threads, prefetch_buffer_size=d.prefetch)
+        grain.ReadOptions(num_threads=data.num_threads, prefetch_buffer_size=data.prefetch)
     )
-    if d.num_workers > 0:
+    if data.num_workers > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside app.run
             flags.FLAGS.mark_as_parsed()  # (a library call, a test) use their defaults
-        stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
+        stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
     return stream
 
 
@@ -85,57 +85,60 @@ class MixedDocuments:
 def make_pipeline(cfg, local_batch_size: int, process_index: int = 0, process_count: int = 1):
     """This process's batch iterator for `cfg.data`, with get_state/set_state and
     `skipped_examples`."""
-    d, im = cfg.data, cfg.image
-    tokenizer = make_tokenizer(d.tokenizer)
+    data, image = cfg.data, cfg.image
+    tokenizer = make_tokenizer(data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(
             f"config field model.vocab_size: {cfg.model.vocab_size} is smaller than the "
-            f"tokenizer's {tokenizer.vocab_size} ({d.tokenizer})"
+            f"tokenizer's {tokenizer.vocab_size} ({data.tokenizer})"
         )
-    if d.latents == "pixels" and (im.latent_size, im.latent_channels) != (d.image_size, 3):
+    if data.latents == "pixels" and (image.latent_size, image.latent_channels) != (
+        data.image_size,
+        3,
+    ):
         raise ValueError(
             f"config fields image.latent_size/latent_channels: pixel-space images need "
-            f"{d.image_size} and 3 (data.image_size, RGB), got {im.latent_size} and "
-            f"{im.latent_channels}"
+            f"{data.image_size} and 3 (data.image_size, RGB), got {image.latent_size} and "
+            f"{image.latent_channels}"
         )
-    latent_shape = (im.latent_size, im.latent_size, im.latent_channels)
-    num_patches = (im.latent_size // im.patch_size) ** 2
+    latent_shape = (image.latent_size, image.latent_size, image.latent_channels)
+    num_patches = (image.latent_size // image.patch_size) ** 2
     seed = cfg.train.seed
-    records = training_split(open_source(cfg), d.held_out_percent, source_field(d))
+    records = training_split(open_source(cfg), data.held_out_percent, source_field(data))
     skipped = records.skipped
     space = None
-    if d.latents == "vae":
+    if data.latents == "vae":
         from transfusion_jax.vae.latent_space import latent_space
 
-        space = latent_space(im.vae_path)
-    if d.source == "cached":
-        _check_cache(records[0], d, latent_shape)
-        if read_split_record(d.path) is None and process_index == 0:
+        space = latent_space(image.vae_path)
+    if data.source == "cached":
+        _check_cache(records[0], data, latent_shape)
+        if read_split_record(data.path) is None and process_index == 0:
             log.warning(
                 "%s was written before held-out splits (no %s): it may hold the records "
                 "evaluation reads; write it again with python -m transfusion_jax.data.cache",
-                d.path,
-                split_record_path(d.path).name,
+                data.path,
+                split_record_path(data.path).name,
             )
     documents = iter(
         document_stream(records, cfg, tokenizer, seed, process_index, process_count, space)
     )
-    if d.source != "text" and d.text_path and d.text_ratio > 0:
-        text = training_split(TextSource(d.text_path), d.held_out_percent, "data.text_path")
+    if data.source != "text" and data.text_path and data.text_ratio > 0:
+        text = training_split(TextSource(data.text_path), data.held_out_percent, "data.text_path")
         skipped += text.skipped
         text_docs = iter(
             document_stream(text, cfg, tokenizer, seed + 1, process_index, process_count)
         )
-        documents = MixedDocuments(documents, text_docs, d.text_ratio, num_patches)
+        documents = MixedDocuments(documents, text_docs, data.text_ratio, num_patches)
     return PackedBatches(
         documents,
         local_batch_size,
-        d.seq_len,
-        im.max_images,
+        data.seq_len,
+        image.max_images,
         carried_image_shape(cfg),
-        im.patch_size,
+        image.patch_size,
         tokenizer.special,
-        d.pack_window,
+        data.pack_window,
         skipped,
         num_patches,
     )

@@ -420,17 +420,21 @@ class CachedSource:
 
 
 def open_source(cfg):
-    d = cfg.data
-    if d.source == "imagefolder":
-        return ImageFolderSource(d.path)
-    if d.source == "tfds":
+    data = cfg.data
+    if data.source == "imagefolder":
+        return ImageFolderSource(data.path)
+    if data.source == "tfds":
         return TfdsSource(
-            d.tfds_name, d.tfds_split, d.tfds_data_dir, d.tfds_image_key, d.tfds_caption_key
+            data.tfds_name,
+            data.tfds_split,
+            data.tfds_data_dir,
+            data.tfds_image_key,
+            data.tfds_caption_key,
         )
-    if d.source == "shapes":
-        return ShapesSource(d.image_size, cfg.train.seed)
-    if d.source == "text":
-        return TextSource(d.text_path)
-    if d.source == "cached":
-        return CachedSource(d.path)
-    raise ValueError(f"config field data.source: {d.source!r} is not a grain source")
+    if data.source == "shapes":
+        return ShapesSource(data.image_size, cfg.train.seed)
+    if data.source == "text":
+        return TextSource(data.text_path)
+    if data.source == "cached":
+        return CachedSource(data.path)
+    raise ValueError(f"config field data.source: {data.source!r} is not a grain source")

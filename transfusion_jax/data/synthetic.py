@@ -67,13 +67,13 @@ class SyntheticSource:
         first = self.batches_done * global_batch + self.process_index * self.local_batch_size
         rows = [self._row(first + i) for i in range(self.local_batch_size)]
         self.batches_done += 1
-        im = self.cfg.image
+        image = self.cfg.image
         return build_batch(
             rows,
             self.cfg.data.seq_len,
-            im.max_images,
+            image.max_images,
             self.shape,
-            im.patch_size,
+            image.patch_size,
             self.special,
             self.num_patches,
         )

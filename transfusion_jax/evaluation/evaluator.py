@@ -32,11 +32,11 @@ def eval_settings(cfg):
     cfg = cfg.copy_and_resolve_references()
     if "eval" not in cfg:
         cfg.eval = base_config().eval
-    e = cfg.eval
+    settings = cfg.eval
     for key in ("num_examples", "batch_size", "sampling_steps"):
-        if e[key] < 1:
-            raise ValueError(f"config field eval.{key}: {e[key]} must be at least 1")
-    levels = tuple(e.diffusion_levels)
+        if settings[key] < 1:
+            raise ValueError(f"config field eval.{key}: {settings[key]} must be at least 1")
+    levels = tuple(settings.diffusion_levels)
     if not levels or not all(0.0 <= x <= 1.0 for x in levels):
         raise ValueError(f"config field eval.diffusion_levels: {levels} must be in [0, 1]")
     return cfg
@@ -111,8 +111,8 @@ class Evaluator:
         rows of each array in `extra`; the last batch is padded with empty rows. Yields (batch,
         extras, real_rows)."""
         cfg, n = self.cfg, self.rows_per_batch
-        im = cfg.image
-        shape = (im.latent_size, im.latent_size, im.latent_channels)
+        image = cfg.image
+        shape = (image.latent_size, image.latent_size, image.latent_channels)
         for start in range(0, len(rows), n):
             chunk = rows[start : start + n]
             real = len(chunk)
@@ -120,9 +120,9 @@ class Evaluator:
             batch = build_batch(
                 chunk,
                 cfg.data.seq_len,
-                im.max_images,
+                image.max_images,
                 shape,
-                im.patch_size,
+                image.patch_size,
                 self.tokenizer.special,
             )
             padded = []

@@ -123,25 +123,25 @@ def ways_to_say(caption: str) -> list[str]:
 
 def held_out_texts(cfg, num: int) -> tuple[list[str], str]:
     """Up to `num` held-out text documents, and where they came from."""
-    d = cfg.data
+    data = cfg.data
     if cfg.eval.text_path:
         docs = TextSource(cfg.eval.text_path, field="eval.text_path")
         return [docs[i]["text"] for i in range(min(num, len(docs)))], cfg.eval.text_path
-    text_path = d.text_path
+    text_path = data.text_path
     if text_path:
-        if d.held_out_percent <= 0:
+        if data.held_out_percent <= 0:
             raise ValueError(
                 f"config field data.held_out_percent: 0, so this run held none of "
                 f"{text_path} out of training; give --text_path a text file it never saw"
             )
-        held = split(TextSource(text_path), d.held_out_percent, held=True)
+        held = split(TextSource(text_path), data.held_out_percent, held=True)
         if len(held):
-            where = f"the held-out {d.held_out_percent}% of {text_path}"
+            where = f"the held-out {data.held_out_percent}% of {text_path}"
             return [held[i]["text"] for i in range(min(num, len(held)))], where
-    if d.source in ("text", "synthetic"):
+    if data.source in ("text", "synthetic"):
         raise ValueError(
-            f"config field eval.text_path: the run trained on data.source={d.source!r} and holds "
-            f"no text out; give --text_path a text file it never saw"
+            f"config field eval.text_path: the run trained on data.source={data.source!r} and "
+            f"holds no text out; give --text_path a text file it never saw"
         )
     examples = held_out_examples(cfg, num)
     return [e.captions[0] for e in examples], "the held-out captions"
@@ -150,23 +150,25 @@ def held_out_texts(cfg, num: int) -> tuple[list[str], str]:
 def why_not(cfg, suite: str) -> str | None:
     """Why `suite` has no held-out data to read for this run (None: it has), from the config
     alone: the trainer checks its suites before step 1."""
-    d, e = cfg.data, cfg.eval
+    data, settings = cfg.data, cfg.eval
     if cfg.model.get("image_repr", "continuous") == "discrete" and suite == "diffusion":
         return "a run with model.image_repr='discrete' has no diffusion loss"
     if suite == "text":
-        if e.text_path:
+        if settings.text_path:
             return None
-        if d.text_path:
-            return None if d.held_out_percent > 0 else "data.held_out_percent is 0"
+        if data.text_path:
+            return None if data.held_out_percent > 0 else "data.held_out_percent is 0"
         if why_not(cfg, "captions") is None:  # the held-out captions serve as the text
             return None
-        return f"data.source={d.source!r} holds no text out of training; set eval.text_path"
+        return f"data.source={data.source!r} holds no text out of training; set eval.text_path"
     if suite in ("diffusion", "captions", "images"):
-        if e.data_path or d.source == "shapes":
+        if settings.data_path or data.source == "shapes":
             return None
-        if d.source == "cached" and read_split_record(d.path) is None:
-            return f"the cache {d.path} records no held-out split; set eval.data_path"
-        if d.source not in ("imagefolder", "tfds", "cached"):
-            return f"data.source={d.source!r} holds no images out of training; set eval.data_path"
-        return None if d.held_out_percent > 0 else "data.held_out_percent is 0"
+        if data.source == "cached" and read_split_record(data.path) is None:
+            return f"the cache {data.path} records no held-out split; set eval.data_path"
+        if data.source not in ("imagefolder", "tfds", "cached"):
+            return (
+                f"data.source={data.source!r} holds no images out of training; set eval.data_path"
+            )
+        return None if data.held_out_percent > 0 else "data.held_out_percent is 0"
     return None

@@ -209,8 +209,8 @@ def caption_nll(ev, examples) -> tuple[float, float]:
 
 
 def images_suite(ev) -> dict:
-    e = ev.settings
-    if not (e.inception_weights or e.clip_weights):
+    settings = ev.settings
+    if not (settings.inception_weights or settings.clip_weights):
         raise ValueError(
             "--suite images needs --inception_weights (FID: pytorch-fid's "
             "pt_inception-2015-12-05-6726825d.pth) and/or --clip_weights (CLIP score: a Hugging "
@@ -218,26 +218,28 @@ def images_suite(ev) -> dict:
             "downloads them (config fields eval.inception_weights, eval.clip_weights)"
         )
     examples = ev.examples()
-    if len(examples) < 2 and e.inception_weights:
+    if len(examples) < 2 and settings.inception_weights:
         raise ValueError(
-            f"--num {e.num_examples}: FID compares feature covariances, which need at least 2 "
-            f"images (and hundreds to mean much)"
+            f"--num {settings.num_examples}: FID compares feature covariances, which need at "
+            f"least 2 images (and hundreds to mean much)"
         )
     prompts = [x.captions[0] for x in examples]
     drawn = np.stack(draw(ev, prompts))
     ev.artifacts["images"] = dict(drawn=list(drawn), prompts=prompts)
     result = {"images/num": len(drawn)}
-    if e.inception_weights:
+    if settings.inception_weights:
         from transfusion_jax.evaluation.frechet import fid_from_features
         from transfusion_jax.evaluation.inception import load_inception
 
-        inception = load_inception(e.inception_weights)
+        inception = load_inception(settings.inception_weights)
         real = np.stack([to_uint8(x.image) for x in examples])
         result["images/fid"] = fid_from_features(inception(drawn), inception(real))
-    if e.clip_weights:
+    if settings.clip_weights:
         from transfusion_jax.evaluation.clip import load_clip
 
-        result["images/clip_score"] = float(load_clip(e.clip_weights).clip_score(drawn, prompts))
+        result["images/clip_score"] = float(
+            load_clip(settings.clip_weights).clip_score(drawn, prompts)
+        )
     return result
 
 

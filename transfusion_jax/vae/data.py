@@ -35,20 +35,22 @@ class ImageBatches:
     that could not be decoded, each warned about once by the caller's log)."""
 
     def __init__(self, cfg, batch_size: int, process_index: int = 0, process_count: int = 1):
-        d = cfg.data
+        data = cfg.data
         records = _open_images(cfg)
         self.batch_size = batch_size
         self.initial_skipped = records.skipped
-        percent = d.held_out_percent
+        percent = data.held_out_percent
         dataset = (
             grain.MapDataset.source(records)
             .filter(lambda r: not held_out(r["origin"], percent))
             .seed(cfg.train.seed)
             .shuffle()
             .repeat(None)
-            .map(DecodeImage(d.image_size, d.max_image_pixels))[process_index::process_count]
+            .map(DecodeImage(data.image_size, data.max_image_pixels))[process_index::process_count]
         )
-        options = grain.ReadOptions(num_threads=d.num_threads, prefetch_buffer_size=d.prefetch)
+        options = grain.ReadOptions(
+            num_threads=data.num_threads, prefetch_buffer_size=data.prefetch
+        )
         self.images = iter(dataset.to_iter_dataset(options))
         self._skipped: set[str] = set()
         self.skipped_draws = 0
@@ -89,18 +91,18 @@ def first_images(cfg, count: int, held: bool) -> np.ndarray:
     """The first `count` distinct decodable images of the held-out (or the training) split, in
     record order: a fixed evaluation set. Fewer when the split is smaller; [0, H, W, 3] if empty."""
     records = _open_images(cfg)
-    d = cfg.data
+    data = cfg.data
     seen, images = set(), []
     for i in range(len(records)):
         if len(images) == count:
             break
         record = records[i]
-        if held_out(record["origin"], d.held_out_percent) != held or record["origin"] in seen:
+        if held_out(record["origin"], data.held_out_percent) != held or record["origin"] in seen:
             continue
         seen.add(record["origin"])
-        image = decode_image(record, d.image_size, d.max_image_pixels)
+        image = decode_image(record, data.image_size, data.max_image_pixels)
         if not isinstance(image, Skipped):
             images.append(image)
     if not images:
-        return np.zeros((0, d.image_size, d.image_size, 3), np.float32)
+        return np.zeros((0, data.image_size, data.image_size, 3), np.float32)
     return np.stack(images)
