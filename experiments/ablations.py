@@ -1,9 +1,9 @@
 """The paper's ablations (Tables 5-8), one command per table: train every arm, score it, tabulate.
 
-  python experiments/ablations.py --table 5 --scale cpu --out experiments/results/table5
-  python experiments/ablations.py --table 6 --scale gpu --out runs/table6 --vae VAE --data FOLDER
-  python experiments/ablations.py --table 7 --scale paper          # the paper's settings, printed
-  python experiments/ablations.py --table 8 --scale cpu --out DIR --dry_run
+  python -m experiments.ablations --table 5 --scale cpu --out experiments/results/table5
+  python -m experiments.ablations --table 6 --scale gpu --out runs/table6 --vae VAE --data FOLDER
+  python -m experiments.ablations --table 7 --scale paper          # the paper's settings, printed
+  python -m experiments.ablations --table 8 --scale cpu --out DIR --dry_run
 
 Tables (PAPER.md): 5 causal vs bidirectional attention inside images (linear and U-Net patches);
 6 patch size (linear and U-Net); 7 linear vs U-Net patches at several model sizes; 8 noise
@@ -377,8 +377,12 @@ def plot_final(out: pathlib.Path, arms, stats) -> None:
     columns = list(dict.fromkeys(arm.column for arm in arms))
     colors = rcParams["axes.prop_cycle"].by_key()["color"]
     width = 0.8 / len(columns)
-    figure = Figure(figsize=(4.2 * len(metrics), 3.6), layout="constrained")
-    for ax, metric in zip(figure.subplots(1, len(metrics), squeeze=False)[0], metrics, strict=True):
+    grid = (-(-len(metrics) // 4), min(4, len(metrics)))  # at most four panels a row
+    figure = Figure(figsize=(4.2 * grid[1], 3.4 * grid[0]), layout="constrained")
+    axes = figure.subplots(*grid, squeeze=False).ravel()
+    for ax in axes[len(metrics) :]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes, metrics, strict=False):
         for j, column in enumerate(columns):
             xs, ys, errs = [], [], []
             for i, row in enumerate(rows):

@@ -1,8 +1,8 @@
 """Does captioning keep up with generation on real class-caption data? Fashion-MNIST, measured.
 
-  python experiments/class_captions.py --out runs/fashion               # quickstart, 16 px
-  python experiments/class_captions.py --out runs/fashion --steps 3000 --num 500
-  python experiments/class_captions.py --out /tmp/fm --steps 30 --num 20   # a smoke run
+  python -m experiments.class_captions --out runs/fashion               # quickstart, 16 px
+  python -m experiments.class_captions --out runs/fashion --steps 3000 --num 500
+  python -m experiments.class_captions --out /tmp/fm --steps 30 --num 20   # a smoke run
 
 An issue reported a tiny model that drew the right class 75% of the time on a 10-class set
 ("a photo of a {class}") but captioned it right only 24% of the time, mostly with the same word
@@ -192,20 +192,28 @@ def classify(params, images) -> np.ndarray:
 
 def row_log_likelihoods(ev):
     """batch -> log-likelihood [B] of each row's text after its image: the captions suite's
-    `caption_nll` weights and the evaluator's clean-image pass (`Evaluator.token_ce`), summed per
-    row (the evaluator's `text_nll` sums over the whole batch). Jitted once per evaluator."""
+    `caption_nll` weights (read from the batch as built, before a discrete run's images become
+    code tokens) and the evaluator's clean-image pass (`Evaluator.token_ce`), summed per row (the
+    evaluator's `text_nll` sums over the whole batch). Jitted once per evaluator."""
     import jax
     import jax.numpy as jnp
 
+    from transfusion_jax.batch import text_target_mask
     from transfusion_jax.loss import after_an_image
 
-    def score(params, batch):
-        ce, targets = ev.token_ce(params, batch)
-        weights = targets & after_an_image(batch.segment_ids, batch.image_ids)
+    def score(params, batch, weights):
+        ce, _ = ev.token_ce(params, batch)
         return -jnp.sum(jnp.where(weights, ce, 0.0), axis=1)
 
     compiled = jax.jit(score)
-    return lambda batch: np.asarray(compiled(ev.params, ev.place(batch)))
+
+    def rows(batch):
+        segments, image_ids = jnp.asarray(batch.segment_ids), jnp.asarray(batch.image_ids)
+        weights = text_target_mask(segments, image_ids) & after_an_image(segments, image_ids)
+        placed = ev.place((ev.images_as_tokens(batch), np.asarray(weights)))
+        return np.asarray(compiled(ev.params, *placed))
+
+    return rows
 
 
 def caption_log_likelihoods(ev, pictures: np.ndarray, captions: list[str], row_score=None):

@@ -2,10 +2,10 @@
 figure): the same transformer, the same data in the same order, images as diffused patches or as
 VQ code tokens.
 
-  python experiments/compare_chameleon.py --scale cpu --out experiments/results/chameleon
-  python experiments/compare_chameleon.py --scale gpu --out runs/chameleon --data FOLDER \
+  python -m experiments.compare_chameleon --scale cpu --out experiments/results/chameleon
+  python -m experiments.compare_chameleon --scale gpu --out runs/chameleon --data FOLDER \
       --vae KL_VAE_WORKDIR --vq VQ_WORKDIR
-  python experiments/compare_chameleon.py --scale cpu --out DIR --dry_run
+  python -m experiments.compare_chameleon --scale cpu --out DIR --dry_run
 
 For each model size it trains both methods through the training CLI (`model.image_repr`
 "continuous" and "discrete"), scoring held-out suites every `train.eval_every` steps along the way,
@@ -121,10 +121,12 @@ GPU = Scale(
 def method_overrides(method: str, scale_name: str, args) -> dict:
     """What makes a run Transfusion or Chameleon at a scale."""
     if method == "transfusion":
-        suites = "shapes,captions,text,diffusion" if scale_name == "cpu" else "text,diffusion"
+        suites = (
+            "shapes,captions,text,diffusion" if scale_name == "cpu" else "captions,text,diffusion"
+        )
         extra = {"data.latents": "vae", "image.vae_path": args.vae} if scale_name == "gpu" else {}
         return {"train.eval_suites": suites, **extra}
-    suites = "shapes,captions,text" if scale_name == "cpu" else "text"
+    suites = "shapes,captions,text" if scale_name == "cpu" else "captions,text"
     scale = CPU if scale_name == "cpu" else GPU
     return {
         "model.image_repr": "discrete",
@@ -183,53 +185,63 @@ def evaluate_command(scale: Scale, workdir, args) -> list:
 
 
 def evaluation_points(workdir: pathlib.Path, method: str, size: str) -> list[dict]:
-    """Every scored point of a run (the training-time suites and the final evaluation), with the
-    run's training FLOPs at that step (they grow linearly with the step)."""
+    """Every scored point of a run with the run's training FLOPs at that step (they grow
+    linearly with the step): the training-time suites (`source` "training": one sample size all
+    along, the curves) and the evaluate command's scores of the last step ("final": the table)."""
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").open() if line.strip()]
     per_step = next(
         (r["train_flops"] / r["step"] for r in records if r.get("train_flops") and r["step"]), 0.0
     )
-    points = {}
+    points = []
     for record in records:
         for key, value in record.items():
             metric = key.removeprefix("eval/")
             if key.startswith("eval/") and metric in METRICS:
-                points[record["step"], metric] = value
+                points.append(("training", record["step"], metric, value))
     for path in sorted((workdir / "eval").glob("*.json")):
-        step = int(path.stem)
+        if not path.stem.isdigit():  # STEP-ema.json: the EMA weights' scores, not compared here
+            continue
         for metric, value in json.loads(path.read_text()).get("metrics", {}).items():
             if metric in METRICS:
-                points[step, metric] = value  # the final evaluation's larger sample wins
+                points.append(("final", int(path.stem), metric, value))
     return [
-        {"method": method, "size": size, "step": step, "train_flops": step * per_step,
-         "metric": metric, "value": value}
-        for (step, metric), value in sorted(points.items())
+        {"method": method, "size": size, "source": source, "step": step,
+         "train_flops": step * per_step, "metric": metric, "value": value}
+        for source, step, metric, value in sorted(points)
     ]  # fmt: skip
 
 
-def parity_flops(curve: list[tuple[float, float]], target: float, higher: bool) -> float | None:
-    """The training FLOPs at which a curve of (flops, value) first reaches `target`, linearly
-    interpolated between evaluations; None if it never does."""
+def parity_flops(curve, target: float, higher: bool) -> tuple[float, bool] | None:
+    """(the training FLOPs at which a curve of (flops, value) first reaches `target`, linearly
+    interpolated between evaluations; True when that is only an upper bound, because the first
+    evaluation already reaches it), or None if the curve never does."""
     better = (lambda v: v >= target) if higher else (lambda v: v <= target)
     previous = None
     for flops, value in sorted(curve):
         if better(value):
-            if previous is None or previous[1] == value:
-                return flops
+            if previous is None:
+                return flops, True
             f0, v0 = previous
-            return f0 + (target - v0) / (value - v0) * (flops - f0)
+            return f0 + (target - v0) / (value - v0) * (flops - f0), False
         previous = (flops, value)
     return None
 
 
+def _last(rows: list[dict]) -> dict:
+    """(method, size, metric) -> the row of its last step."""
+    last = {}
+    for row in sorted(rows, key=lambda r: r["step"]):
+        last[row["method"], row["size"], row["metric"]] = row
+    return last
+
+
 def write_table(out: pathlib.Path, scale_name: str, sizes, rows: list[dict]) -> None:
-    final = {}  # (method, size, metric) -> (step, flops, value) at the last step
-    curves = {}  # (method, size, metric) -> [(flops, value)]
-    for row in rows:
+    training = [r for r in rows if r["source"] == "training"]
+    final = _last(training) | _last([r for r in rows if r["source"] == "final"])
+    curves = {}  # (method, size, metric) -> [(flops, value)] of the training-time suites
+    for row in training:
         key = (row["method"], row["size"], row["metric"])
         curves.setdefault(key, []).append((row["train_flops"], row["value"]))
-        if key not in final or row["step"] >= final[key][0]:
-            final[key] = (row["step"], row["train_flops"], row["value"])
     metrics = [m for m in METRICS if any(k[2] == m for k in final)]
     header = ["size", "method", "train FLOPs"] + [METRICS[m][0] for m in metrics]
     lines = [f"# Transfusion vs Chameleon ({scale_name} scale)", ""]
@@ -237,29 +249,35 @@ def write_table(out: pathlib.Path, scale_name: str, sizes, rows: list[dict]) -> 
     for size in sizes:
         for method in METHODS:
             cells = [size, method]
-            flops = [final[k][1] for k in final if k[:2] == (method, size)]
+            flops = [row["train_flops"] for k, row in final.items() if k[:2] == (method, size)]
             cells.append(f"{max(flops):.3g}" if flops else "—")
             for m in metrics:
-                value = final.get((method, size, m))
-                cells.append("—" if value is None else f"{value[2]:.4g}")
+                row = final.get((method, size, m))
+                cells.append("—" if row is None else f"{row['value']:.4g}")
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"The paper: {CLAIM}", "", "Parity, ours (the FLOPs Transfusion needs to reach "
-              "Chameleon's final score, as a share of Chameleon's FLOPs):"]  # fmt: skip
+    lines += ["", "Scores of the last step by the evaluate command (the training-time suites' "
+              "where it did not run that suite).", "", f"The paper: {CLAIM}", "",
+              "Parity, ours: the FLOPs at which Transfusion's curve reaches Chameleon's last "
+              "score on the same curve sample, as a share of Chameleon's FLOPs:"]  # fmt: skip
+    chameleon_last = _last(training)
     for size in sizes:
         for m in metrics:
-            chameleon = final.get(("chameleon", size, m))
+            chameleon = chameleon_last.get(("chameleon", size, m))
             curve = curves.get(("transfusion", size, m))
             if chameleon is None or not curve:
                 continue
             label, higher = METRICS[m]
-            reached = parity_flops(curve, chameleon[2], higher)
+            reached = parity_flops(curve, chameleon["value"], higher)
+            share = None if reached is None else reached[0] / chameleon["train_flops"]
             if reached is None:
-                verdict = "not reached within Transfusion's run"
+                verdict = "not within its run"
+            elif reached[1]:
+                verdict = f"by its first evaluation, at {share:.1%} of Chameleon's FLOPs (a bound)"
             else:
-                verdict = f"{reached / chameleon[1]:.1%} of Chameleon's FLOPs"
+                verdict = f"at {share:.1%} of Chameleon's FLOPs"
             lines.append(
-                f"- {size}, {label}: Chameleon ends at {chameleon[2]:.4g}; Transfusion reaches "
-                f"it at {verdict}"
+                f"- {size}, {label}: Chameleon ends at {chameleon['value']:.4g}; Transfusion "
+                f"reaches it {verdict}"
             )
     lines += ["", "Arrows of better: " + ", ".join(
         f"{METRICS[m][0]} {'↑' if METRICS[m][1] else '↓'}" for m in metrics)]  # fmt: skip
@@ -267,7 +285,8 @@ def write_table(out: pathlib.Path, scale_name: str, sizes, rows: list[dict]) -> 
 
 
 def plot_flops(out: pathlib.Path, sizes, rows: list[dict]) -> None:
-    """One panel per metric: value against training FLOPs, colour = method, style = size."""
+    """One panel per metric: value against training FLOPs, colour = method, style = size; lines
+    join the training-time evaluations, a star marks the evaluate command's final score."""
     from matplotlib.figure import Figure
 
     metrics = [m for m in METRICS if any(r["metric"] == m for r in rows)]
@@ -282,15 +301,21 @@ def plot_flops(out: pathlib.Path, sizes, rows: list[dict]) -> None:
     for ax, metric in zip(axes, metrics, strict=False):
         for method in METHODS:
             for style, size in zip(lines_of, sizes, strict=False):
-                points = sorted(
-                    (r["train_flops"], r["value"])
-                    for r in rows
-                    if (r["method"], r["size"], r["metric"]) == (method, size, metric)
-                )
-                if points:
+                for source in ("training", "final"):
+                    points = sorted(
+                        (r["train_flops"], r["value"])
+                        for r in rows
+                        if (r["method"], r["size"], r["metric"], r["source"])
+                        == (method, size, metric, source)
+                    )
+                    if not points:
+                        continue
                     xs, ys = zip(*points, strict=True)
-                    ax.plot(xs, ys, style, marker="o", ms=3, color=colours[method],
-                            label=f"{method} {size}")  # fmt: skip
+                    if source == "training":
+                        ax.plot(xs, ys, style, marker="o", ms=3, color=colours[method],
+                                label=f"{method} {size}")  # fmt: skip
+                    else:
+                        ax.plot(xs, ys, "*", ms=9, color=colours[method])
         label, higher = METRICS[metric]
         ax.set_title(f"{label} ({'higher' if higher else 'lower'} is better)")
         ax.set_xscale("log")
@@ -307,7 +332,7 @@ def write_results(out: pathlib.Path, scale_name: str, sizes, runs: dict) -> None
         if (workdir / "metrics.jsonl").is_file():
             rows += evaluation_points(workdir, method, size)
     with (out / "results.csv").open("w", newline="") as f:
-        fields = ["method", "size", "step", "train_flops", "metric", "value"]
+        fields = ["method", "size", "source", "step", "train_flops", "metric", "value"]
         writer = csv.DictWriter(f, fields)
         writer.writeheader()
         writer.writerows(rows)

@@ -96,6 +96,7 @@ SLOW_TESTS = {
     "test_the_tokenizer_decides_the_codebook_and_the_window",
     "test_the_train_step_tokenizes_each_image_as_the_tokenizer_does",
     "test_a_discrete_run_trains_and_logs_its_split_losses",
+    "test_caption_scores_of_a_discrete_run_read_its_image",
     "test_micro_run_writes_results_and_skips_finished_runs",
 }
 # Parametrized cases kept out of the fast subset (the other cases of those tests stay in it):

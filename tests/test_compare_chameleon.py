@@ -28,11 +28,12 @@ def test_dry_run_trains_the_tokenizer_then_both_methods_at_every_size(capsys, tm
 
 def test_parity_is_read_off_the_curve_by_interpolation():
     curve = [(1.0, 0.1), (2.0, 0.3), (4.0, 0.5)]
-    assert cc.parity_flops(curve, 0.4, higher=True) == pytest.approx(3.0)
-    assert cc.parity_flops(curve, 0.05, higher=True) == 1.0
+    flops, bound = cc.parity_flops(curve, 0.4, higher=True)
+    assert flops == pytest.approx(3.0) and not bound
+    assert cc.parity_flops(curve, 0.05, higher=True) == (1.0, True)  # only an upper bound
     assert cc.parity_flops(curve, 0.6, higher=True) is None
     losses = [(1.0, 3.0), (3.0, 2.0)]
-    assert cc.parity_flops(losses, 2.5, higher=False) == pytest.approx(2.0)
+    assert cc.parity_flops(losses, 2.5, higher=False) == (pytest.approx(2.0), False)
 
 
 def fake_run(workdir, per_step, evals: dict, final: dict):
@@ -57,19 +58,39 @@ def test_results_table_and_plot_from_the_runs_logs(tmp_path):
              200: {t2i: 0.6, bpb: 2.5}}, {t2i: 0.7, bpb: 2.4})  # fmt: skip
     fake_run(runs["chameleon", "d64x2"], 11.0, {100: {t2i: 0.1, bpb: 3.2},
              200: {t2i: 0.4, bpb: 2.6}}, {t2i: 0.4, bpb: 2.75})  # fmt: skip
+    # the EMA weights' scores are not compared
+    ema = runs["chameleon", "d64x2"] / "eval" / "200-ema.json"
+    ema.write_text(json.dumps({"metrics": {t2i: 0.99}}))
     cc.write_results(tmp_path, "cpu", ["d64x2"], runs)
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
-    final_t2i = [r for r in rows if r["method"] == "transfusion" and r["metric"] == t2i]
-    assert [float(r["value"]) for r in final_t2i] == [0.2, 0.7]  # the final evaluation wins
-    assert [float(r["train_flops"]) for r in final_t2i] == [1000.0, 2000.0]
+    t2i_rows = [r for r in rows if r["method"] == "transfusion" and r["metric"] == t2i]
+    assert [(r["source"], float(r["value"])) for r in t2i_rows] == [
+        ("final", 0.7),
+        ("training", 0.2),
+        ("training", 0.6),
+    ]
+    assert [float(r["train_flops"]) for r in t2i_rows] == [2000.0, 1000.0, 2000.0]
+    assert 0.99 not in [float(r["value"]) for r in rows]
     table = (tmp_path / "table.md").read_text()
+    # the table holds the evaluate command's scores of the last step
     assert "| d64x2 | transfusion | 2e+03 | 0.7 |" in table
     assert "| d64x2 | chameleon | 2.2e+03 | 0.4 |" in table
-    # Chameleon's final 0.4 t2i: Transfusion passes it between 1000 (0.2) and 2000 (0.7) FLOPs,
-    # at 1400, 1400 / 2200 = 63.6% of Chameleon's FLOPs; its bpb 2.75 at 1416.7: 64.4%
-    assert "t2i acc: Chameleon ends at 0.4; Transfusion reaches it at 63.6%" in table
-    assert "text bpb: Chameleon ends at 2.75; Transfusion reaches it at 64.4%" in table
+    # parity on the training-time curves (one sample size): Chameleon's last t2i 0.4, which
+    # Transfusion passes between 1000 (0.2) and 2000 (0.6) FLOPs, at 1500 = 68.2% of 2200; its
+    # bpb 2.6, between 3.0 and 2.5, at 1800 = 81.8%
+    assert "t2i acc: Chameleon ends at 0.4; Transfusion reaches it at 68.2%" in table
+    assert "text bpb: Chameleon ends at 2.6; Transfusion reaches it at 81.8%" in table
     assert (tmp_path / "flops.png").stat().st_size > 0
+
+
+def test_parity_reached_at_the_first_evaluation_is_reported_as_a_bound(tmp_path):
+    bpb = "text/bits_per_byte"
+    runs = {("transfusion", "s"): tmp_path / "t", ("chameleon", "s"): tmp_path / "c"}
+    fake_run(runs["transfusion", "s"], 1.0, {10: {bpb: 2.0}, 20: {bpb: 1.9}}, {})
+    fake_run(runs["chameleon", "s"], 1.0, {10: {bpb: 3.0}, 20: {bpb: 2.5}}, {})
+    cc.write_results(tmp_path, "cpu", ["s"], runs)
+    table = (tmp_path / "table.md").read_text()
+    assert "reaches it by its first evaluation, at 50.0% of Chameleon's FLOPs (a bound)" in table
 
 
 def test_micro_run_writes_results_and_skips_finished_runs(tmp_path, capsys):

@@ -87,23 +87,41 @@ def test_the_loss_is_the_lm_loss_over_every_target_text_and_image_alike():
 
     logits = np.asarray(model(tokens_batch, None, None)[0], np.float64)
     tokens, segments = np.asarray(tokens_batch.tokens), np.asarray(tokens_batch.segment_ids)
-    ces, image_ces = [], []
+    ces, image_ces, text_ces, after_ces = [], [], [], []
     for b in range(tokens.shape[0]):
+        seen_image = False
         for q in range(tokens.shape[1] - 1):
+            if q == 0 or segments[b, q] != segments[b, q - 1]:
+                seen_image = False  # a new document
+            seen_image |= bool(tokens[b, q] >= TEXT_VOCAB)
             if segments[b, q] > 0 and segments[b, q + 1] == segments[b, q]:  # same document
                 row = logits[b, q]
                 ce = np.log(np.exp(row - row.max()).sum()) + row.max() - row[tokens[b, q + 1]]
                 ces.append(ce)
                 if tokens[b, q + 1] >= TEXT_VOCAB:
                     image_ces.append(ce)
+                elif tokens[b, q] < TEXT_VOCAB:  # text: neither input nor target is a code
+                    text_ces.append(ce)
+                    if seen_image:
+                        after_ces.append(ce)
     assert len(image_ces) == 4 * 64  # every code is a target, the first one after BOI
+    # the last code -> EOI targets (4 images) count in the loss, in neither split
+    assert len(ces) == len(image_ces) + len(text_ces) + 4
+    # per row: EOI -> caption (2 tokens) -> EOS in the image-first document, EOI -> EOS in the
+    # caption-first one
+    assert len(after_ces) == 2 * 4
     np.testing.assert_allclose(loss, np.mean(ces), rtol=1e-5)
     np.testing.assert_allclose(metrics["image_token_loss"], np.mean(image_ces), rtol=1e-5)
+    np.testing.assert_allclose(metrics["text_token_loss"], np.mean(text_ces), rtol=1e-5)
+    np.testing.assert_allclose(metrics["lm_loss_after_image"], np.mean(after_ces), rtol=1e-5)
     assert int(metrics["num_image_targets"]) == len(image_ces)
-    assert int(metrics["num_text_targets"]) == len(ces) - len(image_ces)
+    assert int(metrics["num_text_targets"]) == len(text_ces)
     # micro-batch form: the whole batch's counts as denominators give the same loss
-    again, _ = discrete_loss(model, tokens_batch, TEXT_VOCAB, discrete_counts(tokens_batch, 384))
+    counts = discrete_counts(tokens_batch, TEXT_VOCAB)
+    again, again_metrics = discrete_loss(model, tokens_batch, TEXT_VOCAB, counts)
     np.testing.assert_allclose(again, loss, rtol=1e-6)
+    for key in ("image_token_loss", "text_token_loss", "lm_loss_after_image"):
+        np.testing.assert_allclose(again_metrics[key], metrics[key], rtol=1e-6)
 
 
 def test_attention_is_causal_inside_images():
@@ -181,9 +199,16 @@ def tokenizer(tmp_path_factory):
 
 
 def test_the_tokenizer_decides_the_codebook_and_the_window(tokenizer):
+    from transfusion_jax.train import TransfusionTask
+
     cfg = discrete_config()
     cfg.image.update(vae_path=str(tokenizer), codebook_size=0)
     assert ModelSpec.from_config(cfg).image.codebook_size == CODES
+    # the trainer pins the tokenizer's checkpoint, and refuses a run without a tokenizer
+    assert TransfusionTask.resolve(cfg).image.vae_step == 4
+    shapes_only = discrete_config()
+    with pytest.raises(ValueError, match="image.vae_path: a discrete run trains on"):
+        TransfusionTask.resolve(shapes_only)
     cfg.image.patch_size = 4
     with pytest.raises(ValueError, match="image.patch_size=2"):
         ModelSpec.from_config(cfg)
@@ -264,16 +289,36 @@ def test_cached_guided_image_tokens_equal_an_uncached_recomputation(scale):
 
     model = Transfusion(discrete_config(), nnx.Rngs(3))
     generator = DiscreteGenerator(model, SPECIAL, 8, TEXT_VOCAB, CODES, num_ids=TEXT_VOCAB)
-    prompt = [SPECIAL.bos, 40, 41, 42]
+    prompts = [[SPECIAL.bos, 40, 41, 42], [SPECIAL.bos, 60, 61, 62, 63, 64, 65]]  # ragged rows
     options = SamplingOptions(max_new_tokens=1, cfg_scale=scale, image_temperature=0.0)
-    result = generator.generate([prompt], jax.random.key(0), options, force_image=True)
-    (grid,) = result.images[0]
-    assert grid.shape == (8, 8)
-    expected = reference_codes(model, prompt + [SPECIAL.boi], [SPECIAL.bos, SPECIAL.boi], scale)
-    assert len(set(expected.tolist())) > 4  # a varied draw, not one code repeated
-    np.testing.assert_array_equal(grid.reshape(-1), expected)
-    # the codes and EOI went into the row's tokens, as text would
-    assert result.tokens[0][:2] == [SPECIAL.boi, SPECIAL.eoi]
+    result = generator.generate(prompts, jax.random.key(0), options, force_image=True)
+    for prompt, images, tokens in zip(prompts, result.images, result.tokens, strict=True):
+        (grid,) = images
+        assert grid.shape == (8, 8)
+        uncond = [SPECIAL.bos, SPECIAL.boi]
+        expected = reference_codes(model, prompt + [SPECIAL.boi], uncond, scale)
+        assert len(set(expected.tolist())) > 4  # a varied draw, not one code repeated
+        np.testing.assert_array_equal(grid.reshape(-1), expected)
+        # the image is returned as its grid; the row's tokens mark where it sits
+        assert tokens[:2] == [SPECIAL.boi, SPECIAL.eoi]
+
+
+def test_rows_not_drawing_an_image_keep_their_context():
+    from transfusion_jax.discrete_generator import DiscreteGenerator
+    from transfusion_jax.generator import SamplingOptions
+
+    model = Transfusion(discrete_config(), nnx.Rngs(3))
+    generator = DiscreteGenerator(model, SPECIAL, 8, TEXT_VOCAB, CODES, num_ids=TEXT_VOCAB)
+    ctx = generator.start([[SPECIAL.bos, 40, SPECIAL.boi], [SPECIAL.bos, 50, 51]], 128)
+    before = jax.device_get(ctx)
+    options = SamplingOptions(cfg_scale=3.0, image_temperature=1.0)
+    after, grids = generator.generate_image(ctx, jax.random.key(0), options, np.array([1, 0], bool))
+    after = jax.device_get(after)
+    assert list(after.length) == [before.length[0] + 64 + 1, before.length[1]]  # codes, EOI
+    np.testing.assert_array_equal(after.logits[1], before.logits[1])
+    live = before.length[1]  # the second row's committed cache is untouched
+    np.testing.assert_array_equal(after.k[:, 1, :live], before.k[:, 1, :live])
+    assert grids.shape == (2, 8, 8)
 
 
 def test_a_given_image_enters_as_boi_codes_eoi_and_text_never_samples_codes():
@@ -294,3 +339,34 @@ def test_a_given_image_enters_as_boi_codes_eoi_and_text_never_samples_codes():
     assert again.tokens == result.tokens
     with pytest.raises(ValueError, match="codes must be in"):
         generator.generate([[SPECIAL.bos]], jax.random.key(1), options, images=codes[:1] + CODES)
+
+
+def test_caption_scores_of_a_discrete_run_read_its_image(tokenizer):
+    """experiments/class_captions.py's row scores on a discrete run: the captions' log-likelihood
+    after the image's code tokens, recomputed here from the model's logits."""
+    from experiments.class_captions import row_log_likelihoods
+    from transfusion_jax.evaluation.evaluator import Evaluator
+
+    cfg = discrete_config()
+    cfg.image.update(vae_path=str(tokenizer), codebook_size=0)
+    model = Transfusion(cfg, nnx.Rngs(5))
+    ev = Evaluator(cfg, model)
+    rng = np.random.default_rng(0)
+    pictures = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    rows = [[image_first_document(p, [40, 41, 42], SPECIAL)] for p in pictures]
+    batch, _, _ = next(ev.batches(rows, []))
+    scores = row_log_likelihoods(ev)(batch)[:2]
+    converted = ev.images_as_tokens(batch)
+    tokens = np.asarray(converted.tokens)
+    logits = np.asarray(model(jax.tree.map(jnp.asarray, converted), None, None)[0], np.float64)
+    expected = []
+    for b in range(2):
+        eoi = int(np.flatnonzero(tokens[b] == SPECIAL.eoi)[0])
+        total = 0.0
+        for q in range(eoi, eoi + 4):  # EOI -> 40, 40 -> 41, 41 -> 42, 42 -> EOS
+            row = logits[b, q]
+            total += row[tokens[b, q + 1]] - row.max() - np.log(np.exp(row - row.max()).sum())
+        expected.append(total)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+    assert (tokens[0] >= TEXT_VOCAB).sum() == 64  # the image is in the row as its codes
+    assert scores[0] != scores[1]  # and the two pictures score the same caption differently

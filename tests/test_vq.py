@@ -187,3 +187,29 @@ def test_vq_configs_build_and_bad_values_name_their_field():
     with pytest.raises(ValueError, match="vae.kind"):
         resolve_vae(cfg)
     assert vae_config().kind == "kl"  # imported diffusers VAEs and older runs stay KL
+
+
+def test_unused_codes_are_restarted_within_the_decay_horizon_and_used_ones_never():
+    """Codes 2 and 3 win vectors at the first step only; 0 and 1 win every step after. With
+    decay d and restart_share s an unused code's count falls below s of its share within
+    about ln(s) / ln(d) steps (22 here), when it moves onto one of that step's vectors."""
+    decay, share = 0.9, 0.1
+    rng = np.random.default_rng(0)
+    params = dict(codebook=jnp.zeros((4, 2)), ema_count=jnp.zeros(4), ema_sum=jnp.zeros((4, 2)))
+    restarted_at = {}
+    for step in range(1, 61):
+        z = rng.normal(size=(8, 2)).astype(np.float32)
+        ids = np.array([0, 1, 2, 3] * 2) if step == 1 else np.array([0, 1] * 4)
+        old = np.asarray(params["codebook"])
+        params, metrics = ema_codebook_update(
+            params, jnp.asarray(z), jnp.asarray(ids), jax.random.key(step), step, decay, share
+        )
+        new = np.asarray(params["codebook"])
+        for code in (2, 3):  # (at step 1 every code becomes the mean of its vectors)
+            if step > 1 and code not in restarted_at and not np.allclose(new[code], old[code]):
+                restarted_at[code] = step
+                assert any(np.allclose(new[code], v) for v in z)  # onto a vector of this step
+        if step > 1:  # the live codes follow their vectors: never restarted
+            assert not any(np.allclose(new[c], v) for c in (0, 1) for v in z)
+    assert set(restarted_at) == {2, 3}
+    assert all(1 < s <= 22 for s in restarted_at.values()), restarted_at

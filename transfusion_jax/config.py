@@ -79,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Discrete images: codes in the tokenizer's codebook, the ids appended to the text vocabulary
     # (0 = read it from image.vae_path; give it for shape-only uses without a tokenizer).
     c.image.codebook_size = 0
+    # Discrete images: the tokenizer checkpoint the run trains on, fixed when the run starts (0 =
+    # its newest then), so resuming, sampling and evaluating read the same codes.
+    c.image.vae_step = 0
     # Train on a posterior sample z ~ N(mean, var) (latent diffusion's choice) or on the mean.
     c.image.vae_sample = True
 

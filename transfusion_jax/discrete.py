@@ -32,6 +32,16 @@ def with_image_tokens(batch: Batch, codes: jax.Array, offset: int) -> Batch:
     )
 
 
+def text_targets(batch: Batch, offset: int) -> jax.Array:
+    """bool [B, L]: the targets a continuous run would call text (neither the input nor the
+    next token is an image code), in a batch holding its image tokens: what text metrics score,
+    so they mean the same for both kinds of run."""
+    targets = text_target_mask(batch.segment_ids, batch.image_ids)
+    is_image = batch.tokens >= offset
+    next_is_image = jnp.pad(is_image[:, 1:], ((0, 0), (0, 1)))
+    return targets & ~is_image & ~next_is_image
+
+
 def _target_masks(batch: Batch, offset: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """bool [B, L] (every target, targets that are image codes, text targets after an image) of a
     batch holding its image tokens; image positions are the tokens >= `offset`."""
@@ -39,26 +49,27 @@ def _target_masks(batch: Batch, offset: int) -> tuple[jax.Array, jax.Array, jax.
     is_image = batch.tokens >= offset
     next_is_image = jnp.pad(is_image[:, 1:], ((0, 0), (0, 1)))
     after = after_an_image(batch.segment_ids, jnp.where(is_image, 0, -1))
-    return targets, targets & next_is_image, targets & after & ~is_image & ~next_is_image
+    return targets, targets & next_is_image, text_targets(batch, offset) & after
 
 
-def discrete_counts(batch: Batch, offset: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(targets, image-code targets, text targets after an image) of a whole batch: the
-    denominators of its micro-batches' means."""
-    return tuple(jnp.sum(mask) for mask in _target_masks(batch, offset))
+def discrete_counts(batch: Batch, offset: int) -> tuple[jax.Array, ...]:
+    """(targets, image-code targets, text targets after an image, text targets) of a whole
+    batch: the denominators of its micro-batches' means."""
+    masks = (*_target_masks(batch, offset), text_targets(batch, offset))
+    return tuple(jnp.sum(mask) for mask in masks)
 
 
 def discrete_loss(model, batch: Batch, offset: int, counts=None):
     """(loss, metrics) of a batch holding its image tokens (`with_image_tokens`): the mean
     next-token cross-entropy over every target, text and image code alike. The logs split it
-    into image-code and text targets, and the text after an image (`lm_loss_after_image`, a
-    caption read from its image). `counts` = `discrete_counts` of the whole batch when this is
-    one of its micro-batches."""
+    into image-code targets, text targets (`text_targets`) and the text after an image
+    (`lm_loss_after_image`, a caption read from its image). `counts` = `discrete_counts` of the
+    whole batch when this is one of its micro-batches."""
     logits, _ = model(batch, None, None)
     ce = next_token_ce(logits, batch.tokens)
     targets, image_targets, after = _target_masks(batch, offset)
     totals = counts or discrete_counts(batch, offset)
-    text_total = totals[0] - totals[1]
+    text = text_targets(batch, offset)  # the last code -> EOI target is neither text nor code
 
     def mean(where, total):
         return jnp.sum(jnp.where(where, ce, 0.0)) / jnp.maximum(total, 1)
@@ -68,9 +79,9 @@ def discrete_loss(model, batch: Batch, offset: int, counts=None):
         loss=loss,
         lm_loss=loss,
         image_token_loss=mean(image_targets, totals[1]),
-        text_token_loss=mean(targets & ~image_targets, text_total),
+        text_token_loss=mean(text, totals[3]),
         lm_loss_after_image=mean(after, totals[2]),
-        num_text_targets=jnp.sum(targets & ~image_targets),
+        num_text_targets=jnp.sum(text),
         num_image_targets=jnp.sum(image_targets),
     )
     return loss, metrics

@@ -41,6 +41,7 @@ class DiscreteGenerator(Generator):
         b, n, k = ctx.length.shape[0], self.num_patches, self.codebook_size
         guided = options.cfg_scale != 1
         counts = commit.astype(jnp.int32)
+        top_k = min(options.image_top_k, k)  # 0 (all codes) stays 0
 
         def body(i, carry):
             ctx, uncond, codes = carry
@@ -52,7 +53,7 @@ class DiscreteGenerator(Generator):
                 jax.random.fold_in(rng, i),
                 logits,
                 options.image_temperature,
-                options.image_top_k,
+                top_k,
                 1.0,
             )
             token = (code + self.offset)[:, None]
@@ -61,7 +62,7 @@ class DiscreteGenerator(Generator):
                 uncond = self._constrain(append_tokens(model, uncond, token, jnp.ones_like(counts)))
             return ctx, uncond, codes.at[:, i].set(code)
 
-        start = (ctx, uncond, jnp.zeros((b, n), jnp.int32))
+        start = (ctx, uncond if guided else None, jnp.zeros((b, n), jnp.int32))
         ctx, _, codes = jax.lax.fori_loop(0, n, body, start)
         return ctx, codes
 
@@ -71,7 +72,7 @@ class DiscreteGenerator(Generator):
         b = ctx.length.shape[0]
         self._check_room(ctx, self.num_patches + 1)  # the codes and their EOI
         commit = jnp.ones((b,), bool) if commit is None else jnp.asarray(commit)
-        uncond = self.unconditional(b, ctx.k.shape[2]) if options.cfg_scale != 1 else ctx
+        uncond = self.unconditional(b, ctx.k.shape[2]) if options.cfg_scale != 1 else None
         ctx, codes = self._codes(self.params, ctx, uncond, rng, commit, options=options)
         ctx = self.add_tokens(ctx, [[self.special.eoi]] * b, commit)
         return ctx, codes.reshape(b, self.grid_size, self.grid_size)

@@ -64,7 +64,7 @@ class Pipeline:
         if cfg.model.image_repr == "discrete":
             from transfusion_jax.vae import load_vq
 
-            self.vq = load_vq(cfg.image.vae_path)
+            self.vq = load_vq(cfg.image.vae_path, step=cfg.image.get("vae_step", 0) or None)
         self.tokenizer = make_tokenizer(cfg.data.tokenizer)
         image = cfg.image
         self.image_shape = (image.latent_size, image.latent_size, image.latent_channels)

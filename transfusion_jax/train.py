@@ -219,8 +219,17 @@ class TransfusionTask:
                 "drawn images; run it with python -m transfusion_jax.evaluate"
             )
         if cfg.model.image_repr == "discrete":
-            if cfg.image.vae_path:  # absolute, so sampling elsewhere finds the same tokenizer
-                cfg.image.vae_path = str(absolute(cfg.image.vae_path))
+            from transfusion_jax.vae.latent_space import newest_step
+
+            if not cfg.image.vae_path:  # a codebook size alone serves shape-only uses
+                raise ValueError(
+                    "config field image.vae_path: a discrete run trains on its VQ tokenizer's "
+                    "codes; give the tokenizer's workdir (python -m transfusion_jax.train_vae "
+                    "--config vq_tiny --workdir DIR)"
+                )
+            # absolute, so sampling elsewhere finds the same tokenizer, and pinned to a step
+            cfg.image.vae_path = str(absolute(cfg.image.vae_path))
+            cfg.image.vae_step = cfg.image.vae_step or newest_step(cfg.image.vae_path)
         if cfg.data.latents == "vae" and cfg.data.source != "synthetic":
             from transfusion_jax.vae.latent_space import latent_space
 

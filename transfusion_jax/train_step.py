@@ -71,7 +71,7 @@ class TrainProgram:
             from transfusion_jax.vae import load_vq
 
             try:
-                self.vq = load_vq(self.cfg.image.vae_path)
+                self.vq = load_vq(self.cfg.image.vae_path, step=self.cfg.image.vae_step or None)
             except (OSError, ValueError) as e:
                 raise ValueError(f"config field image.vae_path: {e}") from e
             self.vq_graphdef = nnx.graphdef(self.vq.module)

@@ -18,10 +18,10 @@ import numpy as np
 from flax import nnx
 
 from transfusion_jax import sharding as shd
-from transfusion_jax.batch import Batch, build_batch, text_target_mask
+from transfusion_jax.batch import Batch, build_batch
 from transfusion_jax.config import base_config
 from transfusion_jax.diffusion import Diffusion
-from transfusion_jax.discrete import with_image_tokens
+from transfusion_jax.discrete import text_targets, with_image_tokens
 from transfusion_jax.inference import Pipeline
 from transfusion_jax.loss import loss_terms, next_token_ce
 
@@ -55,6 +55,7 @@ class Evaluator:
         self.settings = self.cfg.eval
         self.pipeline = Pipeline(self.model, self.cfg, self.step, vae=self.vae)
         self.vae = self.pipeline.vae
+        self.vq = self.pipeline.vq  # a discrete run's tokenizer (images_as_tokens)
         self.tokenizer = self.pipeline.tokenizer
         self.diffusion = Diffusion.from_config(self.cfg)
         self.graphdef, self.params = nnx.split(self.model)
@@ -137,11 +138,11 @@ class Evaluator:
     def token_ce(self, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
         """(next-token cross-entropy [B, L], 0 where there is no text target; the target mask)
         with every image clean (t = 0): how text is scored here and by the experiments that rank
-        captions (experiments/class_captions.py). Traceable; a discrete model's batch holds no
-        images."""
+        captions (experiments/class_captions.py). Traceable; a discrete model's batch holds its
+        images as code tokens (`images_as_tokens`), and only text targets count."""
         model = nnx.merge(self.graphdef, params)
         if model.patching is None:
-            mask = text_target_mask(batch.segment_ids, batch.image_ids)
+            mask = text_targets(batch, self.cfg.model.vocab_size)
             ce = next_token_ce(model(batch, None, None)[0], batch.tokens)
             return jnp.where(mask, ce, 0.0), mask
         zeros_t = jnp.zeros(batch.noise_limited.shape, jnp.int32)
@@ -161,8 +162,8 @@ class Evaluator:
     def images_as_tokens(self, batch: Batch) -> Batch:
         """A discrete run's batch with its images written as their code tokens, as the train
         step writes them (discrete.py); any other run's batch as it is."""
-        vq = self.pipeline.vq
-        if vq is None:
+        vq = self.vq
+        if vq is None or not np.any(np.asarray(batch.image_ids) >= 0):
             return batch
         x = np.asarray(batch.latents)  # [B, M, S, S, 3] pixels
         codes = np.asarray(vq.encode_ids(x.reshape(-1, *x.shape[2:])))

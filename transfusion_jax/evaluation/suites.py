@@ -126,7 +126,12 @@ def text_suite(ev) -> dict:
 
 
 def diffusion_suite(ev) -> dict:
-    cfg, e = ev.cfg, ev.settings
+    cfg, settings = ev.cfg, ev.settings
+    if cfg.model.image_repr == "discrete":
+        raise ValueError(
+            "--suite diffusion: the run has model.image_repr='discrete' (VQ code tokens) and no "
+            "diffusion loss; its image tokens' loss is in the training logs (image_token_loss)"
+        )
     examples = ev.examples()
     latents = ev.model_images(np.stack([x.image for x in examples]))
     special = ev.tokenizer.special
@@ -138,10 +143,10 @@ def diffusion_suite(ev) -> dict:
     m = cfg.image.max_images
     levels = [
         min(int(f * ev.diffusion.num_timesteps), ev.diffusion.num_timesteps - 1)
-        for f in e.diffusion_levels
+        for f in settings.diffusion_levels
     ]
     # Example k's noise at level j is drawn from (seed, k, j): the same whatever the batching.
-    key, shape = jax.random.key(e.seed), latents.shape[1:]
+    key, shape = jax.random.key(settings.seed), latents.shape[1:]
 
     def draw_noise(k, j):
         return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, k), j), shape)

@@ -120,6 +120,21 @@ def vq_space(path: str) -> tuple[int, int]:
     return downsampling(stored["channels"]), int(stored["codebook_size"])
 
 
+def newest_step(path) -> int:
+    """The newest checkpoint step of a train_vae workdir (its tokenizer as a run would load it
+    today); errors name image.vae_path."""
+    from transfusion_jax.checkpoint import Checkpointer
+
+    checkpoints = Checkpointer(as_path(path) / "checkpoints", keep=None, read_only=True)
+    try:
+        step = checkpoints.latest_step()
+    finally:
+        checkpoints.close()
+    if step is None:
+        raise ValueError(f"config field image.vae_path: {path} holds no checkpoint")
+    return step
+
+
 def _stored_vae(path: epath.Path) -> tuple[dict, dict]:
     """(the `vae` config section, the saved info) of the newest checkpoint of a train_vae
     workdir; errors name image.vae_path."""

@@ -61,6 +61,9 @@ def _restore_autoencoder(path, step, ema, dtype, param_dtype):
     if ema and not state.ema_params:
         raise ValueError(f"{path}: the run kept no EMA weights (train.ema_decay=0)")
     params = (state.ema_params if ema else state.params)["autoencoder"]
+    if "quantizer" in params:  # an average of codes (and their restarts) is no codebook: the
+        # EMA weights decode with the codebook of their step
+        params = {**params, "quantizer": state.params["autoencoder"]["quantizer"]}
     cfg = program.cfg.vae
     cfg.dtype, cfg.param_dtype = dtype or cfg.dtype, param_dtype or cfg.param_dtype
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make_autoencoder(cfg, nnx.Rngs(0))))
