@@ -322,7 +322,9 @@ def plot_flops(out: pathlib.Path, sizes, rows: list[dict]) -> None:
         ax.set_xlabel("training FLOPs")
     for ax in axes[len(metrics) :]:
         ax.set_visible(False)
-    axes[0].legend(fontsize="x-small")
+    labelled = [ax for ax in axes if ax.get_legend_handles_labels()[0]]
+    if labelled:  # a metric scored only at the end has a star and no line
+        labelled[0].legend(fontsize="x-small")
     figure.savefig(out / "flops.png", dpi=110)
 
 

@@ -118,6 +118,23 @@ def tiny_shapes_run(tmp_path_factory):
     return workdir
 
 
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A VQ tokenizer (tests.test_vq.vq_test_config on the shapes scenes: 16 px images to 8x8
+    codes of 32) trained 6 steps on one device: the one the VQ loading, discrete-run and
+    comparison-runner tests read."""
+    import jax
+
+    from tests.test_vq import vq_test_config
+    from transfusion_jax.train_vae import train_vae
+
+    cfg = vq_test_config()
+    cfg.data.update(source="shapes", path="")
+    workdir = tmp_path_factory.mktemp("tiny_tokenizer")
+    train_vae(cfg, workdir, devices=jax.devices()[:1])
+    return workdir
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]

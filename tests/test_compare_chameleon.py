@@ -93,9 +93,9 @@ def test_parity_reached_at_the_first_evaluation_is_reported_as_a_bound(tmp_path)
     assert "reaches it by its first evaluation, at 50.0% of Chameleon's FLOPs (a bound)" in table
 
 
-def test_micro_run_writes_results_and_skips_finished_runs(tmp_path, capsys):
+def test_micro_run_writes_results_and_skips_finished_runs(tmp_path, capsys, tiny_tokenizer):
     args = ["--scale", "cpu", "--out", str(tmp_path), "--sizes", "d64x2", "--steps", "4",
-            "--tokenizer_steps", "4", "--num", "2", "--sampling_steps", "2", "--suites",
+            "--vq", str(tiny_tokenizer), "--num", "2", "--sampling_steps", "2", "--suites",
             "shapes,text", "--set", "eval.num_examples=2", "--set", "eval.batch_size=2",
             "--set", "eval.sampling_steps=2", "--set", "train.eval_suites=text"]  # fmt: skip
     cc.main(args)

@@ -24,7 +24,6 @@ from transfusion_jax.model_config import ModelSpec
 from transfusion_jax.sharding import make_mesh
 from transfusion_jax.train import train
 from transfusion_jax.train_step import TrainProgram
-from transfusion_jax.train_vae import train_vae
 
 SPECIAL = SpecialTokens()
 TEXT_VOCAB = 384  # configs/tiny.py: bytes
@@ -185,17 +184,10 @@ def test_discrete_configs_are_checked_naming_the_field():
 # -- with a trained tokenizer -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    from tests.test_vq import vq_test_config
-
-    cfg = vq_test_config()
-    cfg.vae.update(codebook_size=CODES, latent_channels=4)
-    cfg.data.update(source="shapes", path="")
-    cfg.train.update(num_steps=4, eval_every=4, checkpoint_every=4)
-    workdir = tmp_path_factory.mktemp("vq")
-    train_vae(cfg, workdir, devices=jax.devices()[:1])
-    return workdir
+@pytest.fixture
+def tokenizer(tiny_tokenizer):
+    """conftest's session tokenizer: 8x8 codes of CODES (32) for a 16 px image."""
+    return tiny_tokenizer
 
 
 def test_the_tokenizer_decides_the_codebook_and_the_window(tokenizer):
@@ -205,7 +197,7 @@ def test_the_tokenizer_decides_the_codebook_and_the_window(tokenizer):
     cfg.image.update(vae_path=str(tokenizer), codebook_size=0)
     assert ModelSpec.from_config(cfg).image.codebook_size == CODES
     # the trainer pins the tokenizer's checkpoint, and refuses a run without a tokenizer
-    assert TransfusionTask.resolve(cfg).image.vae_step == 4
+    assert TransfusionTask.resolve(cfg).image.vae_step == 6  # its last checkpoint
     shapes_only = discrete_config()
     with pytest.raises(ValueError, match="image.vae_path: a discrete run trains on"):
         TransfusionTask.resolve(shapes_only)

@@ -15,7 +15,6 @@ from tests.helpers import ROOT
 from tests.test_vae_training import ONE_DEVICE, SIZE, smooth_images, vae_test_config
 from transfusion_jax.config import load_config
 from transfusion_jax.sharding import make_mesh
-from transfusion_jax.train_vae import train_vae
 from transfusion_jax.vae import load_vae, load_vq
 from transfusion_jax.vae.autoencoder import AutoencoderVQ, vae_config
 from transfusion_jax.vae.config import resolve_vae
@@ -151,12 +150,8 @@ def test_a_tiny_vq_overfits_a_fixed_batch():
     assert "_codes" not in metrics and "codebook_usage" in metrics
 
 
-def test_vq_training_logs_codebook_usage_and_load_vq_reads_the_tokenizer(tmp_path):
-    from tests.test_vae_training import write_folder
-
-    folder = write_folder(tmp_path / "folder", 20)
-    workdir = tmp_path / "run"
-    train_vae(vq_test_config(folder), workdir, devices=ONE_DEVICE)
+def test_vq_training_logs_codebook_usage_and_load_vq_reads_the_tokenizer(tiny_tokenizer):
+    workdir = tiny_tokenizer  # trained by train_vae (conftest)
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
     last = records[-1]
     assert 0 < last["val_codebook_usage"] <= 1 and last["val_psnr"] > 0
