@@ -235,6 +235,13 @@ def _last(rows: list[dict]) -> dict:
     return last
 
 
+def _first(rows: list[dict], key: tuple) -> float | None:
+    """The value of a (method, size, metric) series at its first step."""
+    series = sorted((r["step"], r["value"]) for r in rows
+                    if (r["method"], r["size"], r["metric"]) == key)  # fmt: skip
+    return series[0][1] if series else None
+
+
 def write_table(out: pathlib.Path, scale_name: str, sizes, rows: list[dict]) -> None:
     training = [r for r in rows if r["source"] == "training"]
     final = _last(training) | _last([r for r in rows if r["source"] == "final"])
@@ -267,17 +274,27 @@ def write_table(out: pathlib.Path, scale_name: str, sizes, rows: list[dict]) -> 
             if chameleon is None or not curve:
                 continue
             label, higher = METRICS[m]
+            start, end = _first(training, ("chameleon", size, m)), chameleon["value"]
+            if not (start < end if higher else start > end):
+                lines.append(
+                    f"- {size}, {label}: no parity read: Chameleon's score did not improve over "
+                    f"its run ({start:.4g} -> {end:.4g})"
+                )
+                continue
             reached = parity_flops(curve, chameleon["value"], higher)
             share = None if reached is None else reached[0] / chameleon["train_flops"]
             if reached is None:
-                verdict = "not within its run"
+                verdict = "does not reach it within its run"
             elif reached[1]:
-                verdict = f"by its first evaluation, at {share:.1%} of Chameleon's FLOPs (a bound)"
+                verdict = (
+                    f"reaches it by its first evaluation, at {share:.1%} of Chameleon's FLOPs "
+                    "(a bound)"
+                )
             else:
-                verdict = f"at {share:.1%} of Chameleon's FLOPs"
+                verdict = f"reaches it at {share:.1%} of Chameleon's FLOPs"
             lines.append(
                 f"- {size}, {label}: Chameleon ends at {chameleon['value']:.4g}; Transfusion "
-                f"reaches it {verdict}"
+                f"{verdict}"
             )
     lines += ["", "Arrows of better: " + ", ".join(
         f"{METRICS[m][0]} {'↑' if METRICS[m][1] else '↓'}" for m in metrics)]  # fmt: skip

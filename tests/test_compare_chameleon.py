@@ -84,13 +84,19 @@ def test_results_table_and_plot_from_the_runs_logs(tmp_path):
 
 
 def test_parity_reached_at_the_first_evaluation_is_reported_as_a_bound(tmp_path):
-    bpb = "text/bits_per_byte"
+    bpb, t2i = "text/bits_per_byte", "shapes/text_to_image_accuracy"
     runs = {("transfusion", "s"): tmp_path / "t", ("chameleon", "s"): tmp_path / "c"}
-    fake_run(runs["transfusion", "s"], 1.0, {10: {bpb: 2.0}, 20: {bpb: 1.9}}, {})
-    fake_run(runs["chameleon", "s"], 1.0, {10: {bpb: 3.0}, 20: {bpb: 2.5}}, {})
+    fake_run(
+        runs["transfusion", "s"], 1.0, {10: {bpb: 2.0, t2i: 0.0}, 20: {bpb: 1.9, t2i: 0.0}}, {}
+    )
+    fake_run(runs["chameleon", "s"], 1.0, {10: {bpb: 3.0, t2i: 0.0}, 20: {bpb: 2.5, t2i: 0.0}}, {})
     cc.write_results(tmp_path, "cpu", ["s"], runs)
     table = (tmp_path / "table.md").read_text()
     assert "reaches it by its first evaluation, at 50.0% of Chameleon's FLOPs (a bound)" in table
+    # a score at the floor all along is no target to reach
+    assert (
+        "t2i acc: no parity read: Chameleon's score did not improve over its run (0 -> 0)" in table
+    )
 
 
 def test_micro_run_writes_results_and_skips_finished_runs(tmp_path, capsys, tiny_tokenizer):
