@@ -229,7 +229,7 @@ def test_the_train_step_tokenizes_each_image_as_the_tokenizer_does(tokenizer):
     assert (np.asarray(converted.tokens)[np.asarray(batch.image_ids) >= 0] >= TEXT_VOCAB).all()
 
 
-def test_a_discrete_run_trains_and_logs_its_split_losses(tokenizer, tmp_path):
+def test_a_discrete_run_trains_and_logs_its_split_losses(tokenizer, tmp_path, capsys):
     cfg = discrete_config()
     cfg.image.update(vae_path=str(tokenizer), codebook_size=0, max_images=0)
     cfg.data.update(source="shapes", seq_len=256)
@@ -243,6 +243,19 @@ def test_a_discrete_run_trains_and_logs_its_split_losses(tokenizer, tmp_path):
     # the step's FLOPs are the transformer's on a row, text or image alike
     flops = model_flops_per_token(cfg, 256, parameter_counts(cfg))
     assert records[-1]["train_flops"] == pytest.approx(30 * cfg.train.batch_size * 256 * flops)
+    # the sample command draws (decoded by the tokenizer) and captions
+    from transfusion_jax import sample as sample_cli
+
+    run, out = str(tmp_path / "run"), tmp_path / "samples"
+    common = ["--workdir", run, "--out", str(out)]
+    sample_cli.main([*common, "--prompt", "a red circle", "--num", "2", "--image_top_k", "8"])
+    from PIL import Image
+
+    drawn = Image.open(out / "000.png")
+    assert drawn.size == (16, 16) and (out / "grid.png").is_file()
+    capsys.readouterr()
+    sample_cli.main([*common, "--image", str(out / "000.png"), "--max_new_tokens", "8"])
+    assert len(capsys.readouterr().out.splitlines()) == 1  # the caption (which may be empty)
 
 
 # -- generation -------------------------------------------------------------------------------
