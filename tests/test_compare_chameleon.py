@@ -100,18 +100,21 @@ def test_parity_reached_at_the_first_evaluation_is_reported_as_a_bound(tmp_path)
 
 
 def test_micro_run_writes_results_and_skips_finished_runs(tmp_path, capsys, tiny_tokenizer):
-    args = ["--scale", "cpu", "--out", str(tmp_path), "--sizes", "d64x2", "--steps", "4",
+    text = tmp_path / "corpus.txt"  # a corpus of its own: ../shared need not exist
+    text.write_text("\n\n".join(f"paragraph {i}: the quick brown fox. " * 4 for i in range(60)))
+    out = tmp_path / "out"
+    args = ["--scale", "cpu", "--out", str(out), "--sizes", "d64x2", "--steps", "4",
+            "--text", str(text),
             "--vq", str(tiny_tokenizer), "--num", "2", "--sampling_steps", "2", "--suites",
             "shapes,text", "--set", "eval.num_examples=2", "--set", "eval.batch_size=2",
             "--set", "eval.sampling_steps=2", "--set", "train.eval_suites=text"]  # fmt: skip
     cc.main(args)
-    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    rows = list(csv.DictReader((out / "results.csv").open()))
     assert {r["method"] for r in rows} == set(cc.METHODS)
     assert {"shapes/text_to_image_accuracy", "text/bits_per_byte"} <= {r["metric"] for r in rows}
     assert all(float(r["train_flops"]) > 0 for r in rows)
-    assert (tmp_path / "flops.png").is_file() and "Transfusion vs Chameleon" in (
-        tmp_path / "table.md"
-    ).read_text()
+    assert (out / "flops.png").is_file()
+    assert "Transfusion vs Chameleon" in (out / "table.md").read_text()
     capsys.readouterr()
     cc.main(args)
     assert capsys.readouterr().out.count("finished earlier") == 2
