@@ -11,6 +11,8 @@ target, text and image alike (`discrete_loss`), as Chameleon trains.
     BOS a red circle BOI c0 c1 ... c63 EOI EOS      (ids of c: text vocabulary + code)
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -32,31 +34,35 @@ def with_image_tokens(batch: Batch, codes: jax.Array, offset: int) -> Batch:
     )
 
 
-def text_targets(batch: Batch, offset: int) -> jax.Array:
-    """bool [B, L]: the targets a continuous run would call text (neither the input nor the
-    next token is an image code), in a batch holding its image tokens: what text metrics score,
-    so they mean the same for both kinds of run."""
+class TargetMasks(NamedTuple):
+    """bool [B, L] masks of a batch holding its image tokens (image positions: tokens >=
+    offset), each target counted where its input position is True."""
+
+    all: jax.Array  # every next-token target of the document, text and image code alike
+    image: jax.Array  # the target is an image code
+    text: jax.Array  # neither input nor target is a code: what a continuous run calls text
+    after_image: jax.Array  # text targets with an image earlier in their document
+
+
+def target_masks(batch: Batch, offset: int) -> TargetMasks:
+    """The masks of `TargetMasks`; the last-code -> EOI target is in `all` only."""
     targets = text_target_mask(batch.segment_ids, batch.image_ids)
     is_image = batch.tokens >= offset
     next_is_image = jnp.pad(is_image[:, 1:], ((0, 0), (0, 1)))
-    return targets & ~is_image & ~next_is_image
-
-
-def _target_masks(batch: Batch, offset: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """bool [B, L] (every target, targets that are image codes, text targets after an image) of a
-    batch holding its image tokens; image positions are the tokens >= `offset`."""
-    targets = text_target_mask(batch.segment_ids, batch.image_ids)
-    is_image = batch.tokens >= offset
-    next_is_image = jnp.pad(is_image[:, 1:], ((0, 0), (0, 1)))
+    text = targets & ~is_image & ~next_is_image
     after = after_an_image(batch.segment_ids, jnp.where(is_image, 0, -1))
-    return targets, targets & next_is_image, text_targets(batch, offset) & after
+    return TargetMasks(targets, targets & next_is_image, text, text & after)
 
 
-def discrete_counts(batch: Batch, offset: int) -> tuple[jax.Array, ...]:
-    """(targets, image-code targets, text targets after an image, text targets) of a whole
-    batch: the denominators of its micro-batches' means."""
-    masks = (*_target_masks(batch, offset), text_targets(batch, offset))
-    return tuple(jnp.sum(mask) for mask in masks)
+def text_targets(batch: Batch, offset: int) -> jax.Array:
+    """bool [B, L]: the text targets (`TargetMasks.text`): what text metrics score, so they mean
+    the same for both kinds of run."""
+    return target_masks(batch, offset).text
+
+
+def discrete_counts(batch: Batch, offset: int) -> TargetMasks:
+    """Each mask's count over a whole batch: the denominators of its micro-batches' means."""
+    return TargetMasks(*(jnp.sum(mask) for mask in target_masks(batch, offset)))
 
 
 def discrete_loss(model, batch: Batch, offset: int, counts=None):
@@ -67,21 +73,21 @@ def discrete_loss(model, batch: Batch, offset: int, counts=None):
     whole batch when this is one of its micro-batches."""
     logits, _ = model(batch, None, None)
     ce = next_token_ce(logits, batch.tokens)
-    targets, image_targets, after = _target_masks(batch, offset)
-    totals = counts or discrete_counts(batch, offset)
-    text = text_targets(batch, offset)  # the last code -> EOI target is neither text nor code
+    masks = target_masks(batch, offset)
+    totals = counts or TargetMasks(*(jnp.sum(mask) for mask in masks))
 
-    def mean(where, total):
+    def mean(which: str):
+        where, total = getattr(masks, which), getattr(totals, which)
         return jnp.sum(jnp.where(where, ce, 0.0)) / jnp.maximum(total, 1)
 
-    loss = mean(targets, totals[0])
+    loss = mean("all")
     metrics = dict(
         loss=loss,
         lm_loss=loss,
-        image_token_loss=mean(image_targets, totals[1]),
-        text_token_loss=mean(text, totals[3]),
-        lm_loss_after_image=mean(after, totals[2]),
-        num_text_targets=jnp.sum(text),
-        num_image_targets=jnp.sum(image_targets),
+        image_token_loss=mean("image"),
+        text_token_loss=mean("text"),
+        lm_loss_after_image=mean("after_image"),
+        num_text_targets=jnp.sum(masks.text),
+        num_image_targets=jnp.sum(masks.image),
     )
     return loss, metrics
