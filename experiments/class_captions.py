@@ -379,6 +379,10 @@ def train_command(args, folder, workdir) -> list[str]:
         "data.source": "imagefolder",
         "data.path": folder,
         "data.image_size": args.image_size,
+        # The class names are outside the quickstart's shapes words: byte-level text and rows
+        # of 256, as in the recorded results (experiments/results/class_captions_fashion).
+        "data.tokenizer": "bytes",
+        "data.seq_len": 256,
         "train.num_steps": args.steps,
         **parse_sets(args.set),
     }

@@ -19,6 +19,7 @@ from transfusion_jax.data.shapes import (
     ShapeObject,
     ShapesDataset,
     caption,
+    caption_words,
     parse_caption,
     read_scene,
     render,
@@ -26,6 +27,7 @@ from transfusion_jax.data.shapes import (
     score_caption,
     score_image,
 )
+from transfusion_jax.data.tokenizer import make_tokenizer
 
 RED_ABOVE_BLUE = Scene(
     (ShapeObject("red", "circle", "small"), ShapeObject("blue", "square", "large")), "above"
@@ -108,6 +110,16 @@ def test_scenes_are_deterministic_varied_and_round_trip():
     singles = sum(s.relation is None for s in scenes) / len(scenes)
     assert 0.2 < singles < 0.3
     assert len({caption(s) for s in scenes}) > 1000
+
+
+def test_caption_words_are_exactly_the_words_captions_use():
+    scenes = [scene_for_index(i) for i in range(2000)]
+    used = {w for s in scenes for w in caption(s).split()}
+    assert set(caption_words()) == used
+    assert len(caption_words()) == len(used)  # no word twice
+    tokenizer = make_tokenizer("words:" + ",".join(caption_words()))
+    for scene in scenes[:200]:  # a token per word
+        assert len(tokenizer.encode(caption(scene))) == len(caption(scene).split())
 
 
 def test_dataset_items_are_deterministic_by_index():

@@ -12,6 +12,7 @@ from transfusion_jax.data.tokenizer import (
     ByteTokenizer,
     SentencePieceTokenizer,
     TiktokenTokenizer,
+    WordTokenizer,
     make_tokenizer,
 )
 
@@ -184,6 +185,49 @@ def test_sentencepiece(sp_model):
     assert make_tokenizer(f"sentencepiece:{path}", pad_to=256).vocab_size == 512
 
 
+# Words.
+
+SHAPES_WORDS = (
+    "a,small,large,red,green,blue,yellow,black,circle,square,triangle,above,below,left,right,of"
+)
+
+
+@pytest.mark.parametrize("text", TEXTS + ["a small redder circle, left of 3 squares!", "of of  a"])
+def test_words_round_trip(text):
+    tok = make_tokenizer(f"words:{SHAPES_WORDS}")
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_words_are_one_id_each_and_the_rest_is_bytes():
+    tok = make_tokenizer(f"words:{SHAPES_WORDS}")
+    words = SHAPES_WORDS.split(",")
+    caption = "a small black triangle above a large red circle"
+    ids = tok.encode(caption)
+    assert len(ids) == len(caption.split())  # a token per word, the space inside it
+    assert [tok.decode([i]) for i in ids] == ["a", *(" " + w for w in caption.split()[1:])]
+    # a word id is 261 + 2 * (its index in the list), its spaced form one more
+    assert ids[:2] == [261 + 2 * words.index("a"), 262 + 2 * words.index("small")]
+    # text with no listed word encodes exactly as bytes: "reddish" and "Red" are not "red"
+    other = "reddish Red 12 circles\n"
+    assert tok.encode(other) == ByteTokenizer().encode(other)
+    assert tok.encode("red, red") == [tok.encode("red")[0], *ByteTokenizer().encode(","), ids[-2]]
+
+
+def test_words_layout():
+    tok = make_tokenizer(f"words:{SHAPES_WORDS}")
+    assert isinstance(tok, WordTokenizer)
+    assert tok.special == SpecialTokens()  # the bytes tokenizer's ids, words after them
+    assert (tok.num_base_tokens, tok.num_ids, tok.vocab_size) == (256 + 32, 293, 384)
+    check_decode_skips(tok, "a red circle above reddish squares")
+    assert all(0 <= i < tok.num_ids for i in tok.encode("a small red circle above a dog"))
+
+
+@pytest.mark.parametrize("spec", ["words:", "words:red,,blue", "words:red,red", "words:red 2"])
+def test_words_refuses_a_bad_list(spec):
+    with pytest.raises(ValueError, match="data.tokenizer.*words:"):
+        make_tokenizer(spec)
+
+
 # make_tokenizer.
 
 
@@ -193,7 +237,8 @@ def test_make_tokenizer_bytes():
 
 
 def test_make_tokenizer_errors(tmp_path):
-    with pytest.raises(ValueError, match="'bytes', 'sentencepiece:PATH', 'tiktoken:PATH'"):
+    kinds = "'bytes', 'words:W1,W2,...', 'sentencepiece:PATH', 'tiktoken:PATH'"
+    with pytest.raises(ValueError, match=kinds):
         make_tokenizer("wordpiece:vocab.txt")
     with pytest.raises(ValueError, match="needs a file"):
         make_tokenizer("tiktoken")

@@ -159,7 +159,7 @@ def base_config() -> ml_collections.ConfigDict:
     # they are mixed in at data.text_ratio.
     c.data.text_path = ""
     c.data.text_ratio = 1.0  # Text-only positions per image-caption position (the paper: 1:1).
-    c.data.tokenizer = "bytes"  # "bytes", "sentencepiece:PATH" or "tiktoken:PATH".
+    c.data.tokenizer = "bytes"  # "bytes", "words:W1,W2,..", "sentencepiece:PATH", "tiktoken:PATH"
     # "paper": warn at start where the data departs from the paper's recipe (no data.text_path
     # for the 1:1 text mix, the bytes tokenizer for a Llama-2 vocabulary); "" = no such warnings.
     c.data.recipe = ""

@@ -111,6 +111,12 @@ def caption(scene: Scene) -> str:
     return f"{first} {scene.relation} {rest[0]}" if rest else first
 
 
+def caption_words() -> tuple[str, ...]:
+    """Every word a caption can use, for a words tokenizer ("words:" + ",".join(...))."""
+    words = ["a", *SIZES, *COLORS, *SHAPES, *(w for r in RELATIONS for w in r.split())]
+    return tuple(dict.fromkeys(words))
+
+
 def parse_caption(text: str) -> Scene | None:
     """The scene a caption states, ignoring case and spacing; None for anything else."""
     words = text.lower().split()

@@ -7,6 +7,7 @@ no special tokens (the document builders in `batch.py` place them); `decode` dro
 padding ids, so any id the model can emit decodes without error.
 
 `make_tokenizer` reads the config field `data.tokenizer`: "bytes" (no file needed),
+"words:W1,W2,..." (bytes plus one id per listed word, for captions of a closed vocabulary),
 "sentencepiece:PATH" (e.g. a Llama-2 tokenizer.model) or "tiktoken:PATH" (a BPE ranks file such as
 GPT-2's r50k_base). The last two need `pip install transfusion_jax[text]`.
 """
@@ -15,6 +16,7 @@ import base64
 import hashlib
 import importlib
 import os
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -24,7 +26,7 @@ from transfusion_jax.paths import as_path, is_local
 
 # GPT-2's pre-tokenisation regex (tiktoken's r50k_base pattern).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-KINDS = ("bytes", "sentencepiece", "tiktoken")
+KINDS = ("bytes", "words", "sentencepiece", "tiktoken")
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -99,6 +101,51 @@ class ByteTokenizer(Tokenizer):
         return data.decode("utf-8", errors="replace")
 
 
+class WordTokenizer(ByteTokenizer):
+    """Bytes plus one id for each listed word, alone or after a space (" red"): a caption of a
+    closed vocabulary ("a small red circle above a large blue square") becomes a token per word
+    instead of one per byte, so a small model binds each attribute to one position and a row
+    holds three times the captions. Text outside the list falls back to bytes, so every string
+    round-trips. Ids: the bytes tokenizer's 0..260, then word i as 261 + 2i, " word" 262 + 2i.
+    The list lives in the spec itself, so a run's saved config rebuilds it anywhere.
+    """
+
+    PIECE = re.compile(r" ?[^\W\d_]+|.", re.DOTALL)  # " word" / "word", else one character
+
+    def __init__(self, words: Iterable[str], pad_to: int = 128):
+        words = list(words)
+        bad = [w for w in words if not re.fullmatch(r"[^\W\d_]+", w)]
+        if bad or not words or len(set(words)) != len(words):
+            raise ValueError(
+                f"config field data.tokenizer: 'words:' takes distinct comma-separated words of "
+                f"letters only, e.g. 'words:red,green,circle'; got {','.join(words)!r}"
+            )
+        Tokenizer.__init__(self, 256 + 2 * len(words), SpecialTokens(), pad_to)
+        self.words = tuple(words)
+        first = 256 + self.OFFSET
+        self.piece_ids = {w: first + 2 * i for i, w in enumerate(words)}
+        self.piece_ids |= {" " + w: first + 2 * i + 1 for i, w in enumerate(words)}
+        self.pieces = {i: piece for piece, i in self.piece_ids.items()}
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for piece in self.PIECE.findall(text):
+            if piece in self.piece_ids:
+                ids.append(self.piece_ids[piece])
+            else:
+                ids.extend(super().encode(piece))
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        data = bytearray()
+        for i in self._as_list(ids):
+            if i in self.pieces:
+                data += self.pieces[i].encode("utf-8")
+            elif 0 <= i - self.OFFSET < 256:
+                data.append(i - self.OFFSET)
+        return data.decode("utf-8", errors="replace")
+
+
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model file (e.g. Llama-2's tokenizer.model), ids 0..n-1 as in the model.
 
@@ -170,12 +217,14 @@ def make_tokenizer(spec: str = "bytes", pad_to: int = 128) -> Tokenizer:
     if kind not in KINDS:
         raise ValueError(
             f"config field data.tokenizer: {spec!r} is not one of 'bytes', "
-            "'sentencepiece:PATH', 'tiktoken:PATH'"
+            "'words:W1,W2,...', 'sentencepiece:PATH', 'tiktoken:PATH'"
         )
     if kind == "bytes":
         if path:
             raise ValueError(f"config field data.tokenizer: 'bytes' takes no path, got {spec!r}")
         return ByteTokenizer(pad_to)
+    if kind == "words":
+        return WordTokenizer(path.split(","), pad_to)
     if not path:
         raise ValueError(f"config field data.tokenizer: {spec!r} needs a file, '{kind}:PATH'")
     path = os.path.expanduser(path)
