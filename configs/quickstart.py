@@ -6,9 +6,9 @@ The same 2M-parameter model as `configs/tiny.py`, trained where it learns fastes
   the pixels, so a step takes about 0.4 of tiny's; shapes are 4 and 6 pixels wide, which the exact
   scorer reads back from every rendered scene;
 - a token per caption word (the `words` tokenizer over the shapes vocabulary, bytes for anything
-  else): a caption is 9 tokens instead of 47 bytes, so two documents fill rows of 160 positions
-  instead of 256 and a step costs 0.6 of the bytes run's, and each attribute is one position
-  for the images and captions to bind to;
+  else): a caption is 4-10 tokens instead of 18-56 bytes, so two documents fit rows of 160
+  positions instead of 256 and a step costs 0.6 of the bytes run's, and each attribute is one
+  position for the images and captions to bind to;
 - the flow (rectified-flow) objective, which drew clean shapes sooner than epsilon at equal steps;
 - half of the documents image-first (the paper: 20%), so captioning sees as many examples as
   generation and the captions read the image;

@@ -6,6 +6,7 @@ name, so the marks sit in one place.
 """
 
 import atexit
+import fcntl
 import os
 import shutil
 import tempfile
@@ -104,6 +105,24 @@ SLOW_TESTS = {
 SLOW_CASES = ("[unet]", "test_xla_attention_matches_jax_reference[4]", "recovers_gaussian[ddpm")
 
 
+def built_once(tmp_path_factory, name: str, build) -> "os.PathLike":
+    """The folder `build(folder)` fills, built once per test run: with pytest-xdist every worker
+    asks, the first builds it under a lock in the run's shared temporary folder, the others
+    wait and read it. Tests only read such folders (one that writes copies it first)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this run
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_shapes_run(tmp_path_factory):
     """tests.helpers.tiny_shapes_config() trained on 2 devices (fsdp): one freshly trained run
@@ -113,9 +132,10 @@ def tiny_shapes_run(tmp_path_factory):
     from tests.helpers import tiny_shapes_config
     from transfusion_jax.train import train
 
-    workdir = tmp_path_factory.mktemp("tiny_shapes_run")
-    train(tiny_shapes_config(), workdir, devices=jax.devices()[:2])
-    return workdir
+    def build(workdir):
+        train(tiny_shapes_config(), workdir, devices=jax.devices()[:2])
+
+    return built_once(tmp_path_factory, "tiny_shapes_run", build)
 
 
 @pytest.fixture(scope="session")
@@ -128,11 +148,12 @@ def tiny_tokenizer(tmp_path_factory):
     from tests.test_vq import vq_test_config
     from transfusion_jax.train_vae import train_vae
 
-    cfg = vq_test_config()
-    cfg.data.update(source="shapes", path="")
-    workdir = tmp_path_factory.mktemp("tiny_tokenizer")
-    train_vae(cfg, workdir, devices=jax.devices()[:1])
-    return workdir
+    def build(workdir):
+        cfg = vq_test_config()
+        cfg.data.update(source="shapes", path="")
+        train_vae(cfg, workdir, devices=jax.devices()[:1])
+
+    return built_once(tmp_path_factory, "tiny_tokenizer", build)
 
 
 def pytest_collection_modifyitems(items):

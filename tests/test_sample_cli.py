@@ -4,6 +4,7 @@ checkpoint of the shapes data."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -23,10 +24,13 @@ from transfusion_jax.quickstart import evaluate
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_shapes_run):
+def trained(tiny_shapes_run, tmp_path_factory):
     """The shared tiny run of the shapes data (tests.helpers.tiny_shapes_config: 6 steps on 2
-    devices, with EMA weights), which the evaluate tests read too."""
-    return tiny_shapes_run
+    devices, with EMA weights), copied: the quickstart evaluation writes into it, while the
+    evaluate tests may be copying the shared run in another worker."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    shutil.copytree(tiny_shapes_run, run)
+    return run
 
 
 def run(*args):
