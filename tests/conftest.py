@@ -99,6 +99,10 @@ SLOW_TESTS = {
     "test_a_discrete_run_trains_and_logs_its_split_losses",
     "test_caption_scores_of_a_discrete_run_read_its_image",
     "test_micro_run_writes_results_and_skips_finished_runs",
+    # discrete generation with the KV cache, against uncached recomputations
+    "test_cached_guided_image_tokens_equal_an_uncached_recomputation",
+    "test_a_given_image_enters_as_boi_codes_eoi_and_text_never_samples_codes",
+    "test_rows_not_drawing_an_image_keep_their_context",
 }
 # Parametrized cases kept out of the fast subset (the other cases of those tests stay in it):
 # the U-Net variants of the model's invariance tests, big attention shapes, most solver cases.
