@@ -90,8 +90,8 @@ class ByteTokenizer(Tokenizer):
 
     OFFSET = 5
 
-    def __init__(self, pad_to: int = 128):
-        super().__init__(256, SpecialTokens(), pad_to)
+    def __init__(self, pad_to: int = 128, num_extra: int = 0):
+        super().__init__(256 + num_extra, SpecialTokens(), pad_to)  # extra ids follow the bytes
 
     def encode(self, text: str) -> list[int]:
         return [b + self.OFFSET for b in text.encode("utf-8")]
@@ -110,18 +110,18 @@ class WordTokenizer(ByteTokenizer):
     The list lives in the spec itself, so a run's saved config rebuilds it anywhere.
     """
 
-    PIECE = re.compile(r" ?[^\W\d_]+|.", re.DOTALL)  # " word" / "word", else one character
+    WORD = r"[^\W\d_]+"  # letters only
+    PIECE = re.compile(rf" ?{WORD}|.", re.DOTALL)  # " word" / "word", else one character
 
     def __init__(self, words: Iterable[str], pad_to: int = 128):
         words = list(words)
-        bad = [w for w in words if not re.fullmatch(r"[^\W\d_]+", w)]
+        bad = [w for w in words if not re.fullmatch(self.WORD, w)]
         if bad or not words or len(set(words)) != len(words):
             raise ValueError(
                 f"config field data.tokenizer: 'words:' takes distinct comma-separated words of "
                 f"letters only, e.g. 'words:red,green,circle'; got {','.join(words)!r}"
             )
-        Tokenizer.__init__(self, 256 + 2 * len(words), SpecialTokens(), pad_to)
-        self.words = tuple(words)
+        super().__init__(pad_to, num_extra=2 * len(words))
         first = 256 + self.OFFSET
         self.piece_ids = {w: first + 2 * i for i, w in enumerate(words)}
         self.piece_ids |= {" " + w: first + 2 * i + 1 for i, w in enumerate(words)}
