@@ -50,6 +50,7 @@ def test_bad_values_name_the_field():
     [
         (dict(data__caption_first_prob=1.5), "data.caption_first_prob"),
         (dict(diffusion__cond_drop_rate=-0.1), "diffusion.cond_drop_rate"),
+        (dict(diffusion__timestep_sampling="lognormal"), "diffusion.timestep_sampling"),
         (dict(data__text_ratio=-1.0), "data.text_ratio"),
         (dict(data__max_caption_tokens=0), "data.max_caption_tokens"),
         (dict(data__seq_len=64), "data.seq_len"),  # 64 patches + markers + a caption > 64

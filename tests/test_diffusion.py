@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import special, stats
 
 from tests.helpers import SPECIAL
 from transfusion_jax.batch import Image, build_batch
@@ -80,3 +81,20 @@ def test_noise_limited_images_draw_small_timesteps():
     assert limited.min() >= 0 and limited.max() == 499
     assert free.max() == 999 and free.min() == 0
     assert abs(limited.mean() - 249.5) < 5 and abs(free.mean() - 499.5) < 10
+
+
+def test_logit_normal_timesteps_follow_their_closed_form_cdf():
+    """t = floor(sigmoid(n) * high), n ~ N(0, 1): P(t < k) = Phi(logit(k / high)), for the free
+    range and the noise-limited one."""
+    d = Diffusion(num_timesteps=1000, noise_limit=500, timestep_sampling="logit_normal")
+    flags = np.arange(40000).reshape(200, 200) % 2 == 0
+    t = np.asarray(d.sample_timesteps(jax.random.key(1), jnp.asarray(flags)))
+    for drawn, high in ((t[~flags], 1000), (t[flags], 500)):
+        assert drawn.min() >= 0 and drawn.max() < high
+        k = np.array([0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95]) * high
+        expected = stats.norm.cdf(special.logit(k / high))
+        empirical = (drawn[:, None] < k).mean(0)
+        np.testing.assert_allclose(empirical, expected, atol=0.015)  # 20000 draws: sd <= 0.0035
+    # Against uniform: the middle noise levels are drawn about 1.5 times as often.
+    middle = ((t[~flags] >= 400) & (t[~flags] < 600)).mean()
+    assert 0.28 < middle < 0.34  # Phi(logit(.6)) - Phi(logit(.4)) = 0.315; uniform: 0.2

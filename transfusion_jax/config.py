@@ -19,6 +19,7 @@ import ml_collections
 from transfusion_jax.attention import IMAGE_ATTENTION, IMPLEMENTATIONS
 
 IMAGE_REPRESENTATIONS = ("continuous", "discrete")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")  # diffusion.timestep_sampling
 
 
 def llama_ffn_dim(d_model: int) -> int:
@@ -104,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.loss_weight = 5.0  # lambda in L = L_LM + lambda * L_diffusion.
     c.diffusion.noise_limit = 500  # Images flagged `noise_limited` draw t < noise_limit.
     c.diffusion.cond_drop_rate = 0.1  # Caption dropout for classifier-free guidance.
+    # How training draws t: "uniform" (the paper) or "logit_normal" (t / T = sigmoid(n) with
+    # n ~ N(0, 1), as SD3 trains rectified flow: more draws at the middle noise levels).
+    c.diffusion.timestep_sampling = "uniform"
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 250_000  # Optimizer steps of the whole run.
@@ -284,6 +288,11 @@ def resolve_model(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         0 < diffusion.noise_limit <= diffusion.num_timesteps,
         "diffusion.noise_limit",
         f"{diffusion.noise_limit} must be in (0, num_timesteps={diffusion.num_timesteps}]",
+    )
+    _check(
+        diffusion.timestep_sampling in TIMESTEP_SAMPLING,
+        "diffusion.timestep_sampling",
+        f"{diffusion.timestep_sampling!r} is not one of {', '.join(TIMESTEP_SAMPLING)}",
     )
     _check(
         0.0 <= diffusion.cond_drop_rate < 1.0,

@@ -37,6 +37,7 @@ class Diffusion:
     objective: str = "epsilon"
     num_timesteps: int = 1000
     noise_limit: int = 500
+    timestep_sampling: str = "uniform"
 
     @classmethod
     def from_spec(cls, spec: DiffusionSpec) -> "Diffusion":
@@ -44,6 +45,7 @@ class Diffusion:
             objective=spec.objective,
             num_timesteps=spec.num_timesteps,
             noise_limit=spec.noise_limit,
+            timestep_sampling=spec.timestep_sampling,
         )
 
     @classmethod
@@ -57,9 +59,13 @@ class Diffusion:
         return cosine_alphas_cumprod(self.num_timesteps)
 
     def sample_timesteps(self, rng: jax.Array, noise_limited: jax.Array) -> jax.Array:
-        """One uniform t per image: int32 in [0, T), or in [0, noise_limit) where flagged."""
+        """One t per image: int32 in [0, T), or in [0, noise_limit) where flagged; uniform, or
+        t = floor(sigmoid(n) * range) with n ~ N(0, 1) for "logit_normal"."""
         high = jnp.where(noise_limited, self.noise_limit, self.num_timesteps)
-        u = jax.random.uniform(rng, noise_limited.shape)
+        if self.timestep_sampling == "logit_normal":
+            u = jax.nn.sigmoid(jax.random.normal(rng, noise_limited.shape))
+        else:
+            u = jax.random.uniform(rng, noise_limited.shape)
         return jnp.minimum((u * high).astype(jnp.int32), high - 1)
 
     def coefficients(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -133,6 +133,7 @@ class DiffusionSpec:
     loss_weight: float
     noise_limit: int
     cond_drop_rate: float
+    timestep_sampling: str  # "uniform" or "logit_normal"
 
 
 @dataclasses.dataclass(frozen=True)
