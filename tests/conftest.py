@@ -51,6 +51,7 @@ SLOW_TESTS = {
     "test_train_resume_load_sample_evaluate_export_and_plot_in_a_bucket",
     "test_worker_processes_give_the_same_batches",
     "test_scanned_layers_equal_a_python_loop",
+    "test_the_runs_true_caption_losses_are_the_diffusion_suites",  # trains tiny_shapes_run
     "test_loss_is_zero_for_a_perfect_predictor",
     "test_scorer_reads_every_rendered_scene",
     # a model's evaluation, and the full-size Inception against pytorch-fid's

@@ -126,19 +126,29 @@ def text_suite(ev) -> dict:
 
 
 def diffusion_suite(ev) -> dict:
-    cfg, settings = ev.cfg, ev.settings
+    cfg = ev.cfg
     if cfg.model.image_repr == "discrete":
         raise ValueError(
             "--suite diffusion: the run has model.image_repr='discrete' (VQ code tokens) and no "
             "diffusion loss; its image tokens' loss is in the training logs (image_token_loss)"
         )
     examples = ev.examples()
-    latents = ev.model_images(np.stack([x.image for x in examples]))
+    per_level = image_loss_per_level(ev, [x.captions[0] for x in examples])
+    result = {f"diffusion/val_loss_t{t}": v for t, v in per_level.items()}
+    result["diffusion/val_loss"] = float(np.mean(list(per_level.values())))
+    return result
+
+
+def image_loss_per_level(ev, captions: list[str], drop_caption: bool = False) -> dict[int, float]:
+    """{t: mean diffusion loss} of the held-out images, each after its caption in `captions` (or
+    none with `drop_caption`), at each of eval.diffusion_levels with fixed noise."""
+    cfg, settings = ev.cfg, ev.settings
+    latents = ev.model_images(np.stack([x.image for x in ev.examples()]))
     special = ev.tokenizer.special
     limit = cfg.data.max_caption_tokens
     rows = [
-        [caption_first_document(ev.tokenizer.encode(x.captions[0])[:limit], z, special)]
-        for x, z in zip(examples, latents, strict=True)
+        [caption_first_document(ev.tokenizer.encode(c)[:limit], z, special, drop_caption)]
+        for c, z in zip(captions, latents, strict=True)
     ]
     m = cfg.image.max_images
     levels = [
@@ -162,10 +172,7 @@ def diffusion_suite(ev) -> dict:
             slots[:, 0] = batch_noise[:, j]  # each document's one image sits in slot 0
             err, used = ev.image_errors(batch, times, slots)
             errors[t] += list(err[:real][used[:real]])
-    per_level = {t: float(np.mean(v)) for t, v in errors.items()}
-    result = {f"diffusion/val_loss_t{t}": v for t, v in per_level.items()}
-    result["diffusion/val_loss"] = float(np.mean(list(per_level.values())))
-    return result
+    return {t: float(np.mean(v)) for t, v in errors.items()}
 
 
 def captions_suite(ev) -> dict:

@@ -1,0 +1,105 @@
+"""experiments/word_reliance.py: swapped captions change exactly one attribute, the enumerated
+placements are exactly the data's, the exact denoiser against a direct Bayes recomputation, and
+the run's true-caption losses are the diffusion suite's."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from scipy import special
+
+from experiments import word_reliance as wr
+from transfusion_jax.data import shapes
+
+
+@pytest.mark.parametrize("attribute", ["color", "shape", "size"])
+def test_a_swap_changes_that_attribute_of_every_object_and_nothing_else(attribute):
+    rng = np.random.default_rng(0)
+    swapped = 0
+    for i in range(300):
+        scene = shapes.scene_for_index(i)
+        text = wr.swapped_caption(shapes.caption(scene), attribute, rng)
+        if text is None:  # only when the swap would make the two objects the same
+            continue
+        swapped += 1
+        other = shapes.parse_caption(text)
+        assert other.relation == scene.relation and len(other.objects) == len(scene.objects)
+        for mine, theirs in zip(scene.objects, other.objects, strict=True):
+            assert getattr(mine, attribute) != getattr(theirs, attribute)
+            kept = {a: getattr(theirs, a) for a in shapes.ATTRIBUTES if a != attribute}
+            assert dataclasses.replace(mine, **kept) == mine
+    assert swapped > 250
+
+
+def test_the_enumerated_placements_are_exactly_the_pictures_the_data_draws():
+    n = 16
+    data = shapes.ShapesDataset(n, seed=3)
+    singles = [data[i] for i in range(400)]
+    singles = [x for x in singles if len(shapes.parse_caption(x["text"]).objects) == 1]
+    assert len(singles) > 60
+    enumerated = {}
+    for item in singles:
+        obj = shapes.parse_caption(item["text"]).objects[0]
+        pictures = enumerated.setdefault(obj, wr.placements(obj, n))
+        side = round(shapes.SIZES[obj.size] * n)
+        assert len(pictures) == (n - 2 - side + 1) ** 2  # margin 1 on each side
+        assert len(np.unique(pictures, axis=0)) == len(pictures)  # placements are told apart
+        drawn = item["image"].reshape(-1) / 127.5 - 1.0
+        assert np.any(np.all(pictures == drawn, axis=1))
+
+
+def test_the_posterior_mean_is_bayes_rule_over_objects_then_placements():
+    rng = np.random.default_rng(1)
+    objects = [shapes.ShapeObject("red", s, "small") for s in shapes.SHAPES]
+    candidates = [wr.placements(o, 16) for o in objects]
+    x0 = candidates[1][7]
+    for sigma in (0.3, 0.7, 0.95):
+        x_t = (1 - sigma) * x0 + sigma * rng.normal(size=x0.shape)
+        # Direct: p(object) = 1/3, p(placement | object) = 1/P, Gaussian likelihood.
+        flat = np.concatenate(candidates)
+        prior = np.concatenate([np.full(len(c), 1 / (3 * len(c))) for c in candidates])
+        log_like = -((x_t - (1 - sigma) * flat) ** 2).sum(1) / (2 * sigma**2)
+        weights = special.softmax(log_like + np.log(prior))
+        np.testing.assert_allclose(
+            wr.posterior_mean(x_t, sigma, candidates), weights @ flat, rtol=1e-9, atol=1e-12
+        )
+    # Nearly no noise: the true picture is identified.
+    x_t = 0.999 * x0 + 0.001 * rng.normal(size=x0.shape)
+    np.testing.assert_allclose(wr.posterior_mean(x_t, 0.001, candidates), x0, atol=1e-9)
+
+
+def test_the_ideal_values_are_finite_and_full_knowledge_is_exact_at_low_noise():
+    values = wr.ideal_word_values(16, num=4, seed=0)
+    assert set(values) == {
+        "full caption",
+        "color unknown",
+        "shape unknown",
+        "size unknown",
+        "no caption",
+    }
+    for losses in values.values():
+        assert len(losses) == len(wr.LEVELS) and np.all(np.isfinite(losses))
+    assert values["full caption"][0] < 1e-6  # sigma 0.05: every placement is told apart
+
+
+def test_the_runs_true_caption_losses_are_the_diffusion_suites(tiny_shapes_run):
+    from transfusion_jax.evaluation.evaluator import Evaluator
+    from transfusion_jax.evaluation.suites import diffusion_suite
+    from transfusion_jax.inference import load_trained
+
+    result = wr.run_word_reliance(tiny_shapes_run, num=8)
+    model, cfg, step = load_trained(tiny_shapes_run)
+    cfg.eval.num_examples = 8
+    cfg.eval.diffusion_levels = wr.LEVELS
+    suite = diffusion_suite(Evaluator(cfg, model, step=step))
+    per_level = [suite[k] for k in suite if k.startswith("diffusion/val_loss_t")]
+    np.testing.assert_allclose(result["true caption"], per_level, rtol=1e-6)
+    assert set(result) == {
+        "true caption",
+        "color swapped",
+        "shape swapped",
+        "size swapped",
+        "caption dropped",
+    }
+    # A different caption is a different input: at the noisiest level the loss moves.
+    assert result["caption dropped"][-1] != result["true caption"][-1]
