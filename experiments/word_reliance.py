@@ -1,7 +1,8 @@
 """Which caption words does a shapes run's drawing use? The held-out diffusion loss, word by word.
 
   python -m experiments.word_reliance --workdir workdirs/quickstart       # the run, and the ideal
-  python -m experiments.word_reliance --ideal_only --num 300              # the ideal alone
+  python -m experiments.word_reliance --ideal_only                        # the ideal alone
+  python -m experiments.word_reliance --workdir DIR --step 2000 --ideal_num 0  # one checkpoint
 
 Drawing on the shapes data follows the colour words long before the shape words. This measures it
 on the model's own objective, at fixed noise and fixed held-out images:
@@ -120,14 +121,14 @@ def ideal_word_values(image_size: int = 16, num: int = 300, seed: int = 0) -> di
     return {k: v.tolist() for k, v in losses.items()}
 
 
-def run_word_reliance(workdir, num: int = 128, seed: int = 0) -> dict:
+def run_word_reliance(workdir, num: int = 128, seed: int = 0, step: int | None = None) -> dict:
     """{caption variant: [held-out diffusion loss per level]} of a trained shapes run, at the
     diffusion suite's noise (so "true caption" is that suite's figure)."""
     from transfusion_jax.evaluation.evaluator import Evaluator
     from transfusion_jax.evaluation.suites import image_loss_per_level
     from transfusion_jax.inference import load_trained
 
-    model, cfg, step = load_trained(workdir)
+    model, cfg, step = load_trained(workdir, step=step)
     if cfg.data.source != "shapes":
         raise ValueError(f"--workdir {workdir}: data.source={cfg.data.source!r}, not shapes")
     cfg.eval.num_examples = num
@@ -161,8 +162,10 @@ def table(title: str, losses: dict, reference: str) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", help="a trained shapes run")
+    parser.add_argument("--step", type=int, help="the run's checkpoint (default: the newest)")
+    parser.add_argument("--num", type=int, default=128, help="the run's held-out scenes")
     parser.add_argument("--ideal_only", action="store_true", help="only the exact denoiser")
-    parser.add_argument("--num", type=int, default=128, help="held-out scenes (the ideal: 300)")
+    parser.add_argument("--ideal_num", type=int, default=300, help="the ideal's scenes; 0: none")
     parser.add_argument("--image_size", type=int, default=16, help="the ideal's image size")
     parser.add_argument("--out", help="a folder for report.json")
     args = parser.parse_args(argv)
@@ -170,16 +173,17 @@ def main(argv=None):
         parser.error("--workdir is required unless --ideal_only")
     report = {"levels": LEVELS}
     if args.workdir and not args.ideal_only:
-        report["run"] = run_word_reliance(args.workdir, args.num)
+        report["run"] = run_word_reliance(args.workdir, args.num, step=args.step)
         print(
             table(
-                f"The run ({args.workdir}), {args.num} held-out scenes:",
+                f"The run ({args.workdir}, step {args.step or 'newest'}), {args.num} scenes:",
                 report["run"],
                 "true caption",
             )
         )
-    report["ideal"] = ideal_word_values(args.image_size, args.num if args.ideal_only else 300)
-    print(table("\nThe exact denoiser, one-object scenes:", report["ideal"], "full caption"))
+    if args.ideal_num > 0:
+        report["ideal"] = ideal_word_values(args.image_size, args.ideal_num)
+        print(table("\nThe exact denoiser, one-object scenes:", report["ideal"], "full caption"))
     if args.out:
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
