@@ -37,6 +37,7 @@ import csv
 import dataclasses
 import math
 import pathlib
+import re
 import shlex
 import time
 
@@ -448,6 +449,7 @@ def main(argv=None) -> None:
     if args.scale == "paper":
         print_paper_scale(args.table, arms)
         return
+    all_arms = arms
     if args.arms:
         wanted = args.arms.split(",")
         unknown = sorted(set(wanted) - {arm.name for arm in arms})
@@ -485,8 +487,22 @@ def main(argv=None) -> None:
         train_and_score(train, score, workdir, steps, suites, f"[{i}/{len(jobs)}] {workdir.name}")
     if args.dry_run:
         return
-    write_results(out, args.table, args.scale, arms, trends, runs, steps)
+    # The table covers every arm and seed trained into OUT so far, not only this call's: a
+    # second seed of two arms (`--arms a,b --seeds 2`) joins the table beside the others.
+    on_disk = {arm.name: seed_runs(out, arm.name) for arm in all_arms}
+    write_results(out, args.table, args.scale, all_arms, trends, on_disk, steps)
     print(f"{len(jobs)} runs in {(time.monotonic() - started) / 60:.1f} min; wrote {out}/table.md")
+
+
+def seed_runs(out: pathlib.Path, arm: str) -> list[tuple[int, pathlib.Path]]:
+    """(seed, workdir) of every run of `arm` under OUT/runs: ARM is seed 0, ARM-sN seed N."""
+    pattern = re.compile(re.escape(arm) + r"(?:-s([1-9][0-9]*))?")
+    found = []
+    for workdir in (out / "runs").glob(f"{arm}*"):
+        match = pattern.fullmatch(workdir.name)
+        if match and workdir.is_dir():
+            found.append((int(match.group(1) or 0), workdir))
+    return sorted(found)
 
 
 def write_results(out, table, scale_name, arms, trends, runs, steps) -> None:

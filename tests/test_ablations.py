@@ -4,6 +4,7 @@ trains, scores, tabulates and plots, then skips what it finished when run again.
 import csv
 import re
 import shlex
+import shutil
 
 import pytest
 
@@ -93,7 +94,13 @@ def test_micro_run_writes_results_table_and_plots_then_skips_finished_arms(tmp_p
     args = ["--table", "8", "--scale", "cpu", "--out", str(out), "--steps", "2", "--num", "2"]
     args += ["--suites", "diffusion,text", "--text", str(text)]
     args += ["--set", "eval.num_examples=2", "--set", "train.eval_every=2"]
-    ablations.main(args)
+    ablations.main([*args, "--arms", "noise-limit-on"])  # trains and scores one arm
+    # The other arm as a finished copy: what follows tests the runner's bookkeeping, which a
+    # second two-step run would only make slower.
+    shutil.copytree(out / "runs" / "noise-limit-on", out / "runs" / "noise-limit-off")
+    capsys.readouterr()
+    ablations.main([*args, "--arms", "noise-limit-off"])  # one arm: the table has both
+    assert capsys.readouterr().out.count("finished earlier") == 1
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     got = {(row["arm"], row["metric"]) for row in rows}
@@ -104,6 +111,16 @@ def test_micro_run_writes_results_table_and_plots_then_skips_finished_arms(tmp_p
     assert re.search(r"\| U-Net \| on \(t < 500\) \| [0-9.]+ \|", table)
     assert "| 29.4 |" in table  # the paper's CIDEr beside ours
     assert (out / "final.png").stat().st_size > 0 and (out / "curves.png").stat().st_size > 0
-    capsys.readouterr()
+    assert "| U-Net | off (t < 1000) |" in table
     ablations.main(args)  # again: both arms are finished
     assert capsys.readouterr().out.count("finished earlier") == 2
+
+
+def test_seed_runs_are_the_arms_folders_and_their_seed_suffixes(tmp_path):
+    names = ["linear", "linear-s1", "linear-s12", "linear-s0", "linear-sx", "linear-d64", "unet-s1"]
+    for name in names:
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    (tmp_path / "runs" / "linear-s2").touch()  # a file, not a run
+    got = [(seed, path.name) for seed, path in ablations.seed_runs(tmp_path, "linear")]
+    assert got == [(0, "linear"), (1, "linear-s1"), (12, "linear-s12")]
+    assert ablations.seed_runs(tmp_path, "unet") == [(1, tmp_path / "runs" / "unet-s1")]
