@@ -1,5 +1,6 @@
 """Shared test fixtures: the tiny config and random packed layouts."""
 
+import os
 import pathlib
 
 import numpy as np
@@ -9,6 +10,18 @@ from transfusion_jax.config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SPECIAL = SpecialTokens()
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def command_env(devices: int = 1, **extra) -> dict:
+    """The environment of a command a test starts: the CPU, and the session's environment (its
+    compile settings, tests/conftest.py) with `devices` simulated devices instead of its 8."""
+    flags = [
+        f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)
+    ]
+    if devices > 1:
+        flags.append(f"{DEVICE_COUNT_FLAG}={devices}")
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags), **extra)
 
 
 def tiny_config(**overrides):

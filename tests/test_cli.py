@@ -1,13 +1,12 @@
 """The training command line end to end, and a preemption (SIGTERM) that saves before exiting."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, command_env
 
 SMALL = [
     "--config.model.d_model=64",
@@ -23,7 +22,7 @@ def run_train(workdir, *overrides):
     """The CLI as a user runs it: from the workdir's parent, with a relative --workdir."""
     config = str(ROOT / "configs" / "tiny.py")
     cmd = [sys.executable, "-m", "transfusion_jax.train", "--config", config]
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = command_env()
     args = cmd + ["--workdir", workdir.name, *SMALL, *overrides]
     return subprocess.Popen(
         args,

@@ -1,7 +1,6 @@
 """The evaluate command and evaluation during training, end to end on a freshly trained run."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, tiny_shapes_config
+from tests.helpers import ROOT, command_env, tiny_shapes_config
 from transfusion_jax import evaluate as evaluate_cli
 from transfusion_jax.train import train
 
@@ -49,7 +48,7 @@ def test_evaluation_during_training_leaves_the_losses_alone(runs):
 
 def test_evaluate_writes_the_json_and_one_line_per_metric(runs):
     workdir = runs[0]
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = command_env()
     cmd = [sys.executable, "-m", "transfusion_jax.evaluate", "--workdir", str(workdir)]
     cmd += ["--suite", "shapes,text,diffusion,captions", "--num", "3", "--steps", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

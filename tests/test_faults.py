@@ -20,7 +20,7 @@ import pytest
 from flax import struct as flax_struct
 from orbax.checkpoint._src.checkpointers import async_checkpointer
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, command_env
 from tests.test_training import PoisonedSource, final_params, read_metrics, small_config
 from transfusion_jax import data as data_module
 from transfusion_jax.checkpoint import Checkpointer, CheckpointSaveError
@@ -97,12 +97,7 @@ train(fault_config(), workdir)
 
 
 def subprocess_env():
-    return dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",  # the in-process mesh
-        PYTHONPATH=str(ROOT),
-    )
+    return command_env(devices=8, PYTHONPATH=str(ROOT))  # the in-process mesh
 
 
 @pytest.mark.slow

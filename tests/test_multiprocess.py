@@ -3,14 +3,13 @@ localhost, gloo collectives), each feeding its own half of the global batch, mus
 like one process with four devices."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
 
 import numpy as np
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, command_env
 
 OVERRIDES = [
     "--config.data.source=synthetic",
@@ -38,13 +37,7 @@ def launch(workdir, devices, **env):
         str(workdir),
         *OVERRIDES,
     ]
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        **env,
-    )
+    env = command_env(devices, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", **env)
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

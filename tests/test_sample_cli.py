@@ -2,7 +2,6 @@
 checkpoint of the shapes data."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, command_env
 from transfusion_jax import Pipeline
 from transfusion_jax import sample as sample_cli
 from transfusion_jax.data import shapes
@@ -34,7 +33,7 @@ def trained(tiny_shapes_run, tmp_path_factory):
 
 
 def run(*args):
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = command_env()
     cmd = [sys.executable, "-m", "transfusion_jax.sample", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -71,7 +70,7 @@ def test_sample_cli_draws_a_grid_and_captions_an_image(trained, tmp_path):
 
 
 def test_sample_cli_refuses_bad_arguments(trained, tmp_path):
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = command_env()
     cmd = [sys.executable, "-m", "transfusion_jax.sample", "--workdir", str(tmp_path)]
     proc = subprocess.run(
         cmd + ["--prompt", "x"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120

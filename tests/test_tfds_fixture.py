@@ -5,7 +5,6 @@ by tests/fixtures/make_tfds_fixture.py (which needs TensorFlow; reading here doe
 import hashlib
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, command_env
 
 tfds = pytest.importorskip("tensorflow_datasets", reason="the tfds source needs it")
 
@@ -168,7 +167,7 @@ def test_cli_refuses_an_unprepared_dataset_in_one_line(tmp_path):
         "--config.data.tfds_name=coco_captions",
         f"--config.data.tfds_data_dir={tmp_path / 'data'}",
     ]
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = command_env()
     proc = subprocess.run(
         cmd + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )

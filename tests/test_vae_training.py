@@ -4,7 +4,6 @@ statistics, clear errors for a bad vae_path, the latent cache, and Transfusion t
 in latent space end to end."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 from flax import nnx
 from PIL import Image as PILImage
 
-from tests.helpers import ROOT, tiny_config
+from tests.helpers import ROOT, command_env, tiny_config
 from transfusion_jax.config import load_config, resolve_model
 from transfusion_jax.data import make_source
 from transfusion_jax.data.images import load_image
@@ -396,7 +395,7 @@ def test_transfusion_trains_in_latent_space_and_sample_writes_decoded_pngs(
     assert record["step"] == 3 and np.isfinite(record["loss"])
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["image"]["latent_size"] == 8 and saved["image"]["latent_channels"] == 4
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = command_env()
     out = tmp_path / "samples"
     cmd = [sys.executable, "-m", "transfusion_jax.sample", "--workdir", str(workdir)]
     cmd += ["--prompt", "colours 3", "--num", "2", "--steps", "3", "--out", str(out)]
