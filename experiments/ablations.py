@@ -32,6 +32,18 @@ Scales:
   (docs/aot_results.md), without running anything.
 """
 
+if __name__ == "__main__" and not __package__:
+    # Run as a file (python experiments/ablations.py): run it again as the module, with the
+    # repository root importable, so that its package imports resolve from any directory.
+    import os
+    import sys
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = os.pathsep.join(filter(None, (_root, os.environ.get("PYTHONPATH"))))
+    _argv = [sys.executable, "-m", "experiments.ablations", *sys.argv[1:]]
+    os.execve(sys.executable, _argv, dict(os.environ, PYTHONPATH=_path))
+
+
 import argparse
 import csv
 import dataclasses

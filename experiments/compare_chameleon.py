@@ -26,6 +26,18 @@ colour per method, one line style per size). Running it again skips finished run
 unfinished ones.
 """
 
+if __name__ == "__main__" and not __package__:
+    # Run as a file (python experiments/compare_chameleon.py): run it again as the module, with the
+    # repository root importable, so that its package imports resolve from any directory.
+    import os
+    import sys
+
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _path = os.pathsep.join(filter(None, (_root, os.environ.get("PYTHONPATH"))))
+    _argv = [sys.executable, "-m", "experiments.compare_chameleon", *sys.argv[1:]]
+    os.execve(sys.executable, _argv, dict(os.environ, PYTHONPATH=_path))
+
+
 import argparse
 import csv
 import dataclasses

@@ -5,10 +5,13 @@ import csv
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from experiments import ablations
+from tests.helpers import ROOT, command_env
 
 EXPECTED_ARMS = {
     5: {"linear-causal", "linear-bidirectional", "unet-causal", "unet-bidirectional"},
@@ -60,6 +63,26 @@ def test_dry_run_with_seeds_and_an_arm_subset(capsys):
     assert overrides(commands["noise-limit-on-s1"][0])["train.seed"] == "1"
     with pytest.raises(SystemExit, match="table 8 has noise-limit-on, noise-limit-off"):
         ablations.main(["--table", "8", "--out", "x", "--dry_run", "--arms", "nope"])
+
+
+@pytest.mark.parametrize("script", ["ablations", "compare_chameleon"])
+def test_runners_run_as_files_from_any_directory(tmp_path, script):
+    """`python experiments/NAME.py` works as `python -m experiments.NAME` does, outside the
+    repository too, with --out taken from where the command runs."""
+    argv = ["--table", "8"] if script == "ablations" else []
+    path = ROOT / "experiments" / f"{script}.py"
+    run = subprocess.run(
+        [sys.executable, str(path), *argv, "--scale", "cpu", "--out", "out", "--dry_run"],
+        cwd=tmp_path,
+        env=command_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    arm = "noise-limit-off" if script == "ablations" else "chameleon-d128x4"
+    assert f"--workdir {tmp_path.resolve() / 'out' / 'runs' / arm} " in run.stdout
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
 
 def test_paper_scale_prints_commands_and_slices(capsys):
