@@ -10,6 +10,10 @@ on the model's own objective, at fixed noise and fixed held-out images:
   attribute of every object swapped for another value (colour, shape or size; the rest of the
   caption kept), and with the caption dropped (guidance's unconditional prompt). A model that
   ignores a word loses nothing when it is swapped;
+- binding: on the two-object scenes whose objects differ in an attribute, the loss with that
+  attribute exchanged between them ("a red circle above a blue square" -> "a blue circle above a
+  red square"): the same words bound the other way. A model that draws the right words on the
+  wrong objects loses nothing; one that binds loses about what a swap costs it;
 - the ideal: for one-object scenes every picture a caption allows can be enumerated (each placement
   the data draws), so the exact posterior-mean denoiser is computable. Its loss with the full
   caption, and with one attribute unknown (a uniform mixture over its values), is what knowing that
@@ -47,6 +51,23 @@ def swapped_caption(text: str, attribute: str, rng: np.random.Generator) -> str 
     if len(others) == 2 and others[0] == others[1]:
         return None
     return shapes.caption(shapes.Scene(tuple(others), scene.relation))
+
+
+def exchanged_caption(text: str, attribute: str) -> str | None:
+    """The caption with the two objects' `attribute` exchanged ("a small red circle above a large
+    blue square" -> "... red square above ... blue circle" for shape): the same words, bound the
+    other way. None for a one-object scene or two objects that share the value."""
+    scene = shapes.parse_caption(text)
+    if len(scene.objects) != 2:
+        return None
+    a, b = scene.objects
+    if getattr(a, attribute) == getattr(b, attribute):
+        return None
+    exchanged = (
+        dataclasses.replace(a, **{attribute: getattr(b, attribute)}),
+        dataclasses.replace(b, **{attribute: getattr(a, attribute)}),
+    )
+    return shapes.caption(shapes.Scene(exchanged, scene.relation))
 
 
 def _other_values(obj, attribute):
@@ -121,11 +142,10 @@ def ideal_word_values(image_size: int = 16, num: int = 300, seed: int = 0) -> di
     return {k: v.tolist() for k, v in losses.items()}
 
 
-def run_word_reliance(workdir, num: int = 128, seed: int = 0, step: int | None = None) -> dict:
-    """{caption variant: [held-out diffusion loss per level]} of a trained shapes run, at the
-    diffusion suite's noise (so "true caption" is that suite's figure)."""
+def load_run(workdir, num: int = 128, step: int | None = None):
+    """An evaluator of a trained shapes run over `num` held-out scenes, at the levels of LEVELS
+    and the diffusion suite's noise (so a "true caption" row is that suite's figure)."""
     from transfusion_jax.evaluation.evaluator import Evaluator
-    from transfusion_jax.evaluation.suites import image_loss_per_level
     from transfusion_jax.inference import load_trained
 
     model, cfg, step = load_trained(workdir, step=step)
@@ -133,7 +153,13 @@ def run_word_reliance(workdir, num: int = 128, seed: int = 0, step: int | None =
         raise ValueError(f"--workdir {workdir}: data.source={cfg.data.source!r}, not shapes")
     cfg.eval.num_examples = num
     cfg.eval.diffusion_levels = LEVELS
-    ev = Evaluator(cfg, model, step=step)
+    return Evaluator(cfg, model, step=step)
+
+
+def run_word_reliance(ev, seed: int = 0) -> dict:
+    """{caption variant: [held-out diffusion loss per level]} of a run (`load_run`)."""
+    from transfusion_jax.evaluation.suites import image_loss_per_level
+
     rng = np.random.default_rng(seed)
     true = [x.captions[0] for x in ev.examples()]
     variants = {"true caption": true}
@@ -141,6 +167,30 @@ def run_word_reliance(workdir, num: int = 128, seed: int = 0, step: int | None =
         variants[f"{attribute} swapped"] = [swapped_caption(c, attribute, rng) or c for c in true]
     result = {k: list(image_loss_per_level(ev, v).values()) for k, v in variants.items()}
     result["caption dropped"] = list(image_loss_per_level(ev, true, drop_caption=True).values())
+    return result
+
+
+def run_binding(ev) -> dict:
+    """{row: [held-out diffusion loss per level]} for binding: per attribute, the two-object
+    scenes whose objects differ in it, with the true caption and with the attribute exchanged
+    between the objects. A model that draws the right words on the wrong objects loses nothing;
+    "scenes" gives each subset's size."""
+    from transfusion_jax.evaluation.suites import image_loss_per_level
+
+    true = [x.captions[0] for x in ev.examples()]
+    result, sizes = {}, {}
+    for attribute in ATTRIBUTE_VALUES:
+        exchanged = [exchanged_caption(c, attribute) for c in true]
+        keep = [k for k, c in enumerate(exchanged) if c is not None]
+        sizes[attribute] = len(keep)
+        if not keep:
+            continue
+        alt = [c or t for c, t in zip(exchanged, true, strict=True)]
+        result[f"{attribute}: true caption"] = list(
+            image_loss_per_level(ev, true, keep=keep).values()
+        )
+        result[f"{attribute}: exchanged"] = list(image_loss_per_level(ev, alt, keep=keep).values())
+    result["scenes"] = sizes
     return result
 
 
@@ -159,6 +209,24 @@ def table(title: str, losses: dict, reference: str) -> str:
     return "\n".join(lines)
 
 
+def binding_table(title: str, binding: dict) -> str:
+    """Per attribute: how much more the loss is with the attribute exchanged between the two
+    objects than with the true caption, on the scenes where that changes the caption."""
+    head = " / ".join(f"{x:g}" for x in LEVELS)
+    lines = [
+        title,
+        f"| exchanged | scenes | excess over the true caption at {head} |",
+        "|---|---|---|",
+    ]
+    for attribute, count in binding["scenes"].items():
+        if not count:
+            continue
+        true = np.array(binding[f"{attribute}: true caption"])
+        excess = np.array(binding[f"{attribute}: exchanged"]) / np.maximum(true, 1e-12) - 1
+        lines.append(f"| {attribute} | {count} | {' / '.join(f'{e:+.0%}' for e in excess)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", help="a trained shapes run")
@@ -173,14 +241,12 @@ def main(argv=None):
         parser.error("--workdir is required unless --ideal_only")
     report = {"levels": LEVELS}
     if args.workdir and not args.ideal_only:
-        report["run"] = run_word_reliance(args.workdir, args.num, step=args.step)
-        print(
-            table(
-                f"The run ({args.workdir}, step {args.step or 'newest'}), {args.num} scenes:",
-                report["run"],
-                "true caption",
-            )
-        )
+        ev = load_run(args.workdir, args.num, step=args.step)
+        report["run"] = run_word_reliance(ev)
+        report["binding"] = run_binding(ev)
+        name = f"The run ({args.workdir}, step {ev.step})"
+        print(table(f"{name}, {args.num} scenes:", report["run"], "true caption"))
+        print(binding_table(f"\n{name}, binding:", report["binding"]))
     if args.ideal_num > 0:
         report["ideal"] = ideal_word_values(args.image_size, args.ideal_num)
         print(table("\nThe exact denoiser, one-object scenes:", report["ideal"], "full caption"))

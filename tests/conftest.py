@@ -57,6 +57,7 @@ SLOW_TESTS = {
     "test_worker_processes_give_the_same_batches",
     "test_scanned_layers_equal_a_python_loop",
     "test_the_runs_true_caption_losses_are_the_diffusion_suites",  # trains tiny_shapes_run
+    "test_binding_rows_are_the_subsets_losses_each_example_with_its_own_noise",  # the same
     "test_loss_is_zero_for_a_perfect_predictor",
     "test_scorer_reads_every_rendered_scene",
     # a model's evaluation, and the full-size Inception against pytorch-fid's

@@ -31,6 +31,27 @@ def test_a_swap_changes_that_attribute_of_every_object_and_nothing_else(attribut
     assert swapped > 250
 
 
+@pytest.mark.parametrize("attribute", ["color", "shape", "size"])
+def test_an_exchange_binds_the_same_words_the_other_way(attribute):
+    exchanged = 0
+    for i in range(300):
+        scene = shapes.scene_for_index(i)
+        text = wr.exchanged_caption(shapes.caption(scene), attribute)
+        objects = scene.objects
+        if len(objects) == 1 or getattr(objects[0], attribute) == getattr(objects[1], attribute):
+            assert text is None
+            continue
+        exchanged += 1
+        other = shapes.parse_caption(text)
+        assert other.relation == scene.relation
+        assert sorted(text.split()) == sorted(shapes.caption(scene).split())  # the same words
+        for mine, theirs, partner in zip(objects, other.objects, objects[::-1], strict=True):
+            assert getattr(theirs, attribute) == getattr(partner, attribute)
+            kept = {a: getattr(theirs, a) for a in shapes.ATTRIBUTES if a != attribute}
+            assert dataclasses.replace(mine, **kept) == mine
+    assert exchanged > 100
+
+
 def test_the_enumerated_placements_are_exactly_the_pictures_the_data_draws():
     n = 16
     data = shapes.ShapesDataset(n, seed=3)
@@ -87,7 +108,8 @@ def test_the_runs_true_caption_losses_are_the_diffusion_suites(tiny_shapes_run):
     from transfusion_jax.evaluation.suites import diffusion_suite
     from transfusion_jax.inference import load_trained
 
-    result = wr.run_word_reliance(tiny_shapes_run, num=8)
+    ev = wr.load_run(tiny_shapes_run, num=8)
+    result = wr.run_word_reliance(ev)
     model, cfg, step = load_trained(tiny_shapes_run)
     cfg.eval.num_examples = 8
     cfg.eval.diffusion_levels = wr.LEVELS
@@ -103,3 +125,25 @@ def test_the_runs_true_caption_losses_are_the_diffusion_suites(tiny_shapes_run):
     }
     # A different caption is a different input: at the noisiest level the loss moves.
     assert result["caption dropped"][-1] != result["true caption"][-1]
+
+
+def test_binding_rows_are_the_subsets_losses_each_example_with_its_own_noise(tiny_shapes_run):
+    from transfusion_jax.evaluation.suites import image_loss_per_level
+
+    ev = wr.load_run(tiny_shapes_run, num=12)
+    binding = wr.run_binding(ev)
+    true = [x.captions[0] for x in ev.examples()]
+    for attribute, count in binding["scenes"].items():
+        keep = [k for k, c in enumerate(true) if wr.exchanged_caption(c, attribute)]
+        assert count == len(keep)
+        if not keep:
+            continue
+        # The subset's mean is the mean of its examples scored one at a time: each example keeps
+        # the noise it has in the full list, whatever else is in the batch.
+        alone = [list(image_loss_per_level(ev, true, keep=[k]).values()) for k in keep]
+        np.testing.assert_allclose(
+            binding[f"{attribute}: true caption"], np.mean(alone, axis=0), rtol=1e-5
+        )
+        assert binding[f"{attribute}: exchanged"] != binding[f"{attribute}: true caption"]
+    with pytest.raises(ValueError, match="captions for"):
+        image_loss_per_level(ev, true[:3])

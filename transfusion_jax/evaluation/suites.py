@@ -139,16 +139,23 @@ def diffusion_suite(ev) -> dict:
     return result
 
 
-def image_loss_per_level(ev, captions: list[str], drop_caption: bool = False) -> dict[int, float]:
+def image_loss_per_level(
+    ev, captions: list[str], drop_caption: bool = False, keep: list[int] | None = None
+) -> dict[int, float]:
     """{t: mean diffusion loss} of the held-out images, each after its caption in `captions` (or
-    none with `drop_caption`), at each of eval.diffusion_levels with fixed noise."""
+    none with `drop_caption`), at each of eval.diffusion_levels with fixed noise. `keep`: only
+    these examples (indices into the held-out list; each keeps its own noise)."""
     cfg, settings = ev.cfg, ev.settings
-    latents = ev.model_images(np.stack([x.image for x in ev.examples()]))
+    examples = ev.examples()
+    if len(captions) != len(examples):
+        raise ValueError(f"{len(captions)} captions for {len(examples)} held-out images")
+    keep = list(range(len(captions))) if keep is None else list(keep)
+    latents = ev.model_images(np.stack([examples[k].image for k in keep]))
     special = ev.tokenizer.special
     limit = cfg.data.max_caption_tokens
     rows = [
-        [caption_first_document(ev.tokenizer.encode(c)[:limit], z, special, drop_caption)]
-        for c, z in zip(captions, latents, strict=True)
+        [caption_first_document(ev.tokenizer.encode(captions[k])[:limit], z, special, drop_caption)]
+        for k, z in zip(keep, latents, strict=True)
     ]
     m = cfg.image.max_images
     levels = [
@@ -161,7 +168,7 @@ def image_loss_per_level(ev, captions: list[str], drop_caption: bool = False) ->
     def draw_noise(k, j):
         return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, k), j), shape)
 
-    ks, js = np.meshgrid(np.arange(len(rows)), np.arange(len(levels)), indexing="ij")
+    ks, js = np.meshgrid(np.array(keep), np.arange(len(levels)), indexing="ij")
     noise = np.asarray(jax.vmap(draw_noise)(ks.ravel(), js.ravel()))
     noise = noise.reshape(len(rows), len(levels), *shape)
     errors = {t: [] for t in levels}
