@@ -220,15 +220,30 @@ def caption_log_likelihoods(ev, pictures: np.ndarray, captions: list[str], row_s
     """[N, K]: the log-likelihood (nats) of caption k and its EOS after picture n
     (`BOS BOI image EOI caption EOS`, clean image, as captioning sees it), batched; `row_score`
     (default `row_log_likelihoods(ev)`) scores a batch's rows."""
+    images, tokens = ev.model_images(pictures), _caption_tokens(ev, captions)
+    rows = [(z, t) for z in images for t in tokens]
+    return _log_likelihoods(ev, rows, row_score).reshape(len(images), len(tokens))
+
+
+def paired_log_likelihoods(ev, pictures: np.ndarray, captions: list[str], row_score=None):
+    """[N]: the log-likelihood of caption n after picture n, as `caption_log_likelihoods`."""
+    pairs = zip(ev.model_images(pictures), _caption_tokens(ev, captions), strict=True)
+    return _log_likelihoods(ev, list(pairs), row_score)
+
+
+def _caption_tokens(ev, captions: list[str]) -> list[list[int]]:
+    """The captions' tokens, cut as training cut them."""
+    return [ev.tokenizer.encode(c)[: ev.cfg.data.max_caption_tokens] for c in captions]
+
+
+def _log_likelihoods(ev, pairs: list, row_score=None) -> np.ndarray:
+    """[len(pairs)]: the caption's log-likelihood of each (model image, caption tokens) pair."""
     from transfusion_jax.batch import image_first_document
 
     row_score = row_score or row_log_likelihoods(ev)
-    special, limit = ev.tokenizer.special, ev.cfg.data.max_caption_tokens
-    tokens = [ev.tokenizer.encode(c)[:limit] for c in captions]
-    images = ev.model_images(pictures)
-    rows = [[image_first_document(z, t, special)] for z in images for t in tokens]
-    scores = [row_score(batch)[:real] for batch, _, real in ev.batches(rows, [])]
-    return np.concatenate(scores).reshape(len(images), len(tokens))
+    special = ev.tokenizer.special
+    rows = [[image_first_document(z, t, special)] for z, t in pairs]
+    return np.concatenate([row_score(batch)[:real] for batch, _, real in ev.batches(rows, [])])
 
 
 def image_information(log_likelihoods: np.ndarray, labels: np.ndarray, lengths) -> float:

@@ -6,7 +6,7 @@ import pathlib
 import numpy as np
 
 from transfusion_jax.batch import Image, SpecialTokens, build_batch, document_length
-from transfusion_jax.config import load_config
+from transfusion_jax.config import load_config, resolve_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SPECIAL = SpecialTokens()
@@ -49,6 +49,18 @@ def tiny_shapes_config(**train_overrides):
     cfg.eval.update(num_examples=4, batch_size=4, sampling_steps=2)
     cfg.mesh.fsdp = -1
     return cfg
+
+
+def small_eval_config(**eval_overrides):
+    """configs/tiny.py (shapes) at 16 px in 4x4 linear patches, width 64 and depth 2, resolved:
+    a model the evaluation tests build in a second; `eval_overrides` go to the eval section."""
+    cfg = load_config(str(ROOT / "configs" / "tiny.py"))
+    cfg.model.update(d_model=64, depth=2, num_heads=2)
+    cfg.data.update(image_size=16, seq_len=96)
+    cfg.image.update(patch_size=4)
+    cfg.patch.kind = "linear"
+    cfg.eval.update(eval_overrides)
+    return resolve_model(cfg)
 
 
 def latent(rng, cfg):

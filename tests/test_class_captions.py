@@ -10,8 +10,7 @@ import pytest
 from flax import nnx
 
 from experiments import class_captions as cc
-from tests.helpers import ROOT
-from transfusion_jax.config import load_config, resolve_model
+from tests.helpers import ROOT, small_eval_config
 from transfusion_jax.data.images import load_image
 from transfusion_jax.data.sources import ImageFolderSource
 from transfusion_jax.evaluation.evaluator import Evaluator
@@ -34,13 +33,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def evaluator():
-    cfg = load_config(str(ROOT / "configs" / "tiny.py"))
-    cfg.model.update(d_model=64, depth=2, num_heads=2)
-    cfg.data.update(image_size=16, seq_len=96)
-    cfg.image.update(patch_size=4)
-    cfg.patch.kind = "linear"
-    cfg.eval.update(batch_size=4)
-    cfg = resolve_model(cfg)
+    cfg = small_eval_config(batch_size=4)
     return Evaluator(cfg, Transfusion(cfg, nnx.Rngs(0)))
 
 

@@ -14,29 +14,23 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tests.helpers import ROOT
+from tests.helpers import small_eval_config
 from transfusion_jax.batch import build_batch, caption_first_document
-from transfusion_jax.config import load_config, resolve_model
 from transfusion_jax.data import shapes
 from transfusion_jax.data.images import to_uint8
 from transfusion_jax.data.pipeline import training_split
 from transfusion_jax.data.sources import ImageFolderSource, TextSource
 from transfusion_jax.data.split import held_out, split
 from transfusion_jax.evaluation.evaluator import Evaluator
-from transfusion_jax.evaluation.heldout import held_out_examples, held_out_texts
+from transfusion_jax.evaluation.heldout import HELD_OUT_SEED, held_out_examples, held_out_texts
 from transfusion_jax.evaluation.language import bits_per_byte, perplexity, text_windows
 from transfusion_jax.model import Transfusion
 from transfusion_jax.workdir import config_changes
 
 
 def small_config(**eval_overrides):
-    cfg = load_config(str(ROOT / "configs" / "tiny.py"))
-    cfg.model.update(d_model=64, depth=2, num_heads=2)
-    cfg.data.update(image_size=16, seq_len=96)
-    cfg.image.update(patch_size=4)
-    cfg.patch.kind = "linear"
-    cfg.eval.update(dict(num_examples=6, batch_size=4, sampling_steps=3) | eval_overrides)
-    return resolve_model(cfg)
+    sizes = dict(num_examples=6, batch_size=4, sampling_steps=3)
+    return small_eval_config(**(sizes | eval_overrides))
 
 
 @pytest.fixture(scope="module")
@@ -172,14 +166,15 @@ def test_diffusion_suite_equals_the_error_recomputed_from_the_prediction(evaluat
 
 
 class Oracle:
-    """Draws exactly the scene a prompt states and writes exactly the scene a picture shows;
-    `wrong` swaps every colour for the next one of the palette."""
+    """Draws exactly the scene a prompt states and writes exactly the scene a picture shows,
+    except in scenes with a number of objects in `wrong_for`: there it swaps every colour for the
+    next one of the palette."""
 
-    def __init__(self, size: int, wrong: bool = False):
-        self.size, self.wrong = size, wrong
+    def __init__(self, size: int, wrong_for: tuple[int, ...] = ()):
+        self.size, self.wrong_for = size, wrong_for
 
     def _scene(self, scene):
-        if not self.wrong:
+        if len(scene.objects) not in self.wrong_for:
             return scene
         colors = list(shapes.COLORS)
         objects = tuple(
@@ -198,7 +193,7 @@ class Oracle:
 @pytest.mark.parametrize("wrong", [False, True])
 def test_shapes_and_captions_suites_score_an_oracle(evaluator, monkeypatch, wrong):
     ev = evaluator
-    monkeypatch.setattr(ev, "pipeline", Oracle(16, wrong))
+    monkeypatch.setattr(ev, "pipeline", Oracle(16, (1, 2) if wrong else ()))
     got = ev.run(["shapes", "captions"])
     for task in ("text_to_image", "captioning"):
         assert got[f"shapes/{task}_accuracy"] == (0.0 if wrong else 1.0)
@@ -211,6 +206,21 @@ def test_shapes_and_captions_suites_score_an_oracle(evaluator, monkeypatch, wron
         assert got["captions/cider"] > 5.0
     art = ev.artifacts["shapes"]
     assert len(art["drawn"]) == len(art["captions"]) == ev.settings.num_examples
+
+
+def test_shapes_suite_scores_one_and_two_object_scenes_apart(evaluator, monkeypatch):
+    ev = evaluator
+    monkeypatch.setitem(ev.settings, "num_examples", 16)  # both kinds in each task
+    monkeypatch.setattr(ev, "pipeline", Oracle(16, wrong_for=(2,)))
+    got = ev.run(["shapes"])
+    drawn = [shapes.scene_for_index(i, HELD_OUT_SEED) for i in range(16)]
+    captioned = [shapes.scene_for_index(i, HELD_OUT_SEED + 1) for i in range(16)]
+    for task, scenes in (("text_to_image", drawn), ("captioning", captioned)):
+        singles = sum(len(x.objects) == 1 for x in scenes)
+        assert 0 < singles < 16
+        assert got[f"shapes/{task}_accuracy_one_object"] == 1.0
+        assert got[f"shapes/{task}_accuracy_two_objects"] == 0.0
+        assert got[f"shapes/{task}_accuracy"] == pytest.approx(singles / 16)
 
 
 # -- the held-out split ------------------------------------------------------------------------

@@ -18,8 +18,9 @@ from transfusion_jax import Pipeline
 from transfusion_jax import sample as sample_cli
 from transfusion_jax.data import shapes
 from transfusion_jax.data.images import load_image, to_uint8
+from transfusion_jax.evaluation.heldout import HELD_OUT_SEED
 from transfusion_jax.generator import SamplingOptions
-from transfusion_jax.quickstart import evaluate
+from transfusion_jax.quickstart import evaluate, object_count_summary
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,10 @@ def test_quickstart_evaluation_scores_with_the_exact_scorer(trained):
     report = evaluate(trained, num=2, steps=3, cfg_scale=3.0)
     assert report["num"] == 2 and 0.0 <= report["text_to_image_accuracy"] <= 1.0
     assert set(report["text_to_image_aspects"]) == set(shapes.ASPECTS)
+    kinds = {len(shapes.scene_for_index(i, HELD_OUT_SEED).objects) for i in range(2)}
+    apart = report["by_object_count"]
+    assert ("text_to_image_accuracy_one_object" in apart) == (1 in kinds)
+    assert ("text_to_image_accuracy_two_objects" in apart) == (2 in kinds)
     samples = trained / "samples"
     assert json.loads((samples / "report.json").read_text()) == report
     lines = (samples / "captions.txt").read_text().splitlines()
@@ -94,6 +99,14 @@ def test_quickstart_evaluation_scores_with_the_exact_scorer(trained):
     assert shapes.score_image(shapes.render(scene, 16), scene)["correct"]
     drawn = np.asarray(Image.open(samples / "000.png"))
     assert not shapes.score_image(drawn, scene)["correct"]
+
+
+def test_quickstart_prints_one_and_two_object_scenesobject_count_summary():
+    rates = {"captioning_accuracy_one_object": 0.5, "captioning_accuracy_two_objects": 0.25}
+    report = {"by_object_count": rates | {"text_to_image_accuracy_two_objects": 0.0}}
+    assert object_count_summary(report, "captioning") == " (one object: 50%, two objects: 25%)"
+    assert object_count_summary(report, "text_to_image") == " (two objects: 0%)"
+    assert object_count_summary({"by_object_count": {}}, "captioning") == ""
 
 
 @pytest.mark.parametrize(

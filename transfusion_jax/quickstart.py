@@ -63,6 +63,12 @@ def evaluate(workdir, num: int, steps: int, cfg_scale: float, seed: int = 0) -> 
         "captioning_accuracy": m["shapes/captioning_accuracy"],
         "captioning_parsed": m["shapes/captioning_parsed"],
         "captioning_aspects": {k: m[f"shapes/captioning_{k}"] for k in shapes.ASPECTS},
+        "by_object_count": {
+            k: m[f"shapes/{k}"]
+            for task in ("text_to_image", "captioning")
+            for k in (f"{task}_accuracy_one_object", f"{task}_accuracy_two_objects")
+            if f"shapes/{k}" in m
+        },
         "metrics": m,
         "num": num,
         "steps": steps,
@@ -70,6 +76,17 @@ def evaluate(workdir, num: int, steps: int, cfg_scale: float, seed: int = 0) -> 
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def object_count_summary(report: dict, task: str) -> str:
+    """ " (one object: X%, two objects: Y%)", for the kinds the held-out scenes had."""
+    rates, kinds = report["by_object_count"], {"one_object": "one", "two_objects": "two"}
+    parts = [
+        f"{label} object{'s' * (label == 'two')}: {100 * rates[key]:.0f}%"
+        for kind, label in kinds.items()
+        if (key := f"{task}_accuracy_{kind}") in rates
+    ]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def define_flags() -> None:
@@ -96,14 +113,15 @@ def main():
     report = evaluate(workdir, num, f.steps, f.cfg_scale)
     plot_runs([workdir], workdir / "curves.png", metrics=["headline"])
     out, m = workdir / "samples", report["metrics"]
+    drawn, written = (object_count_summary(report, t) for t in ("text_to_image", "captioning"))
     print(
         f"text -> image: {100 * report['text_to_image_accuracy']:.0f}% of {num} images "
-        f"show exactly their caption ({out / 'grid.png'})"
+        f"show exactly their caption{drawn} ({out / 'grid.png'})"
     )
     print(
         f"image -> text: {100 * report['captioning_accuracy']:.0f}% of {num} captions "
-        f"are exactly right, CIDEr-D {m['captions/cider']:.2f} ({out / 'captions.txt'}, "
-        f"pictures in {out / 'captioned.png'})"
+        f"are exactly right{written}, CIDEr-D {m['captions/cider']:.2f} "
+        f"({out / 'captions.txt'}, pictures in {out / 'captioned.png'})"
     )
     print(
         f"held out: diffusion loss {m['diffusion/val_loss']:.4f}, caption text "
