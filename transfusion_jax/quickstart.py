@@ -79,7 +79,8 @@ def evaluate(workdir, num: int, steps: int, cfg_scale: float, seed: int = 0) -> 
 
 
 def object_count_summary(report: dict, task: str) -> str:
-    """ " (one object: X%, two objects: Y%)", for the kinds the held-out scenes had."""
+    """What follows an accuracy in the printout: the rates of the one- and the two-object
+    scenes, for the kinds the held-out scenes had, as "(one object: X%, two objects: Y%)"."""
     rates, kinds = report["by_object_count"], {"one_object": "one", "two_objects": "two"}
     parts = [
         f"{label} object{'s' * (label == 'two')}: {100 * rates[key]:.0f}%"
