@@ -24,6 +24,7 @@ import numpy as np
 
 from experiments.class_captions import paired_log_likelihoods, row_log_likelihoods
 from transfusion_jax.data import shapes
+from transfusion_jax.data.images import array_to_image
 
 
 def first_n_rates(exact: np.ndarray, scores: np.ndarray) -> dict:
@@ -70,8 +71,10 @@ def run(ev, num: int, tries: int) -> tuple[dict, np.ndarray]:
     scores_of = [judged(images) for images in drawn]  # [tries][captions] of {aspect: bool}
     aspects = {k: np.array([[s[k] for s in row] for row in scores_of]) for k in scores_of[0][0]}
     exact = aspects["correct"]
-    row_score, pixels = row_log_likelihoods(ev), drawn.astype(np.float32) / 127.5 - 1.0
-    scores = np.stack([paired_log_likelihoods(ev, p, prompts, row_score) for p in pixels])
+    row_score = row_log_likelihoods(ev)
+    scores = np.stack(
+        [paired_log_likelihoods(ev, array_to_image(x), prompts, row_score) for x in drawn]
+    )
     two = np.array([len(s.objects) == 2 for s in scenes])
     report = {
         "step": ev.step,
@@ -82,7 +85,8 @@ def run(ev, num: int, tries: int) -> tuple[dict, np.ndarray]:
         "one_object_scenes": int((~two).sum()),
         "exact_per_try": exact.mean(1).tolist(),
     }
-    for kind, chosen in (("all", two | ~two), ("one_object", ~two), ("two_objects", two)):
+    everything = np.ones_like(two)
+    for kind, chosen in (("all", everything), ("one_object", ~two), ("two_objects", two)):
         if chosen.any():
             report[kind] = first_n_rates(exact[:, chosen], scores[:, chosen])
             report[kind]["aspects"] = {k: float(v[:, chosen].mean()) for k, v in aspects.items()}
