@@ -25,6 +25,7 @@ from transfusion_jax.evaluation.evaluator import Evaluator
 from transfusion_jax.evaluation.heldout import HELD_OUT_SEED, held_out_examples, held_out_texts
 from transfusion_jax.evaluation.language import bits_per_byte, perplexity, text_windows
 from transfusion_jax.model import Transfusion
+from transfusion_jax.quickstart import object_count_summary
 from transfusion_jax.workdir import config_changes
 
 
@@ -221,6 +222,14 @@ def test_shapes_suite_scores_one_and_two_object_scenes_apart(evaluator, monkeypa
         assert got[f"shapes/{task}_accuracy_one_object"] == 1.0
         assert got[f"shapes/{task}_accuracy_two_objects"] == 0.0
         assert got[f"shapes/{task}_accuracy"] == pytest.approx(singles / 16)
+
+
+def test_quickstart_prints_one_and_two_object_scenes_apart():
+    rates = {"captioning_accuracy_one_object": 0.5, "captioning_accuracy_two_objects": 0.25}
+    report = {"by_object_count": rates | {"text_to_image_accuracy_two_objects": 0.0}}
+    assert object_count_summary(report, "captioning") == " (one object: 50%, two objects: 25%)"
+    assert object_count_summary(report, "text_to_image") == " (two objects: 0%)"
+    assert object_count_summary({"by_object_count": {}}, "captioning") == ""
 
 
 # -- the held-out split ------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from transfusion_jax.data import shapes
 from transfusion_jax.data.images import load_image, to_uint8
 from transfusion_jax.evaluation.heldout import HELD_OUT_SEED
 from transfusion_jax.generator import SamplingOptions
-from transfusion_jax.quickstart import evaluate, object_count_summary
+from transfusion_jax.quickstart import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +99,6 @@ def test_quickstart_evaluation_scores_with_the_exact_scorer(trained):
     assert shapes.score_image(shapes.render(scene, 16), scene)["correct"]
     drawn = np.asarray(Image.open(samples / "000.png"))
     assert not shapes.score_image(drawn, scene)["correct"]
-
-
-def test_quickstart_prints_one_and_two_object_scenesobject_count_summary():
-    rates = {"captioning_accuracy_one_object": 0.5, "captioning_accuracy_two_objects": 0.25}
-    report = {"by_object_count": rates | {"text_to_image_accuracy_two_objects": 0.0}}
-    assert object_count_summary(report, "captioning") == " (one object: 50%, two objects: 25%)"
-    assert object_count_summary(report, "text_to_image") == " (two objects: 0%)"
-    assert object_count_summary({"by_object_count": {}}, "captioning") == ""
 
 
 @pytest.mark.parametrize(
