@@ -14,10 +14,12 @@ from PIL import Image as PILImage
 from tests.helpers import ROOT, tiny_config
 from transfusion_jax.batch import Image, SpecialTokens, document_length, image_slots
 from transfusion_jax.data import make_source
+from transfusion_jax.data.documents import Skipped
 from transfusion_jax.data.images import load_image
-from transfusion_jax.data.packing import first_fit
+from transfusion_jax.data.packing import NoUsableRecordError, PackedBatches, first_fit
 from transfusion_jax.data.pipeline import training_split
 from transfusion_jax.data.sources import ImageFolderSource
+from transfusion_jax.data.tokenizer import make_tokenizer
 from transfusion_jax.train import train
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -184,6 +186,54 @@ def test_a_folder_with_no_valid_example_fails_at_start(tmp_path):
         make_source(folder_config(tmp_path), 2)
     with pytest.raises(FileNotFoundError, match="metadata.jsonl does not exist"):
         make_source(folder_config(tmp_path / "nowhere"), 2)
+
+
+def test_a_folder_whose_every_image_is_unreadable_stops_with_an_error(tmp_path):
+    # Metadata alone cannot tell: the files exist, and only decoding fails. Drawing on would
+    # skip them forever; the stream stops once a run of skips has covered a whole epoch.
+    rows = [{"file_name": f"{i}.png", "text": "x"} for i in range(4)]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for row in rows:
+        (tmp_path / row["file_name"]).write_bytes(b"not a png")
+    source = make_source(folder_config(tmp_path), 2)
+    with pytest.raises(NoUsableRecordError, match=r"every record of the data was skipped \(4 "):
+        next(source)
+    assert source.skipped_examples == 4 and 9 <= source.skipped_draws <= 12  # 2 epochs + 1 draw
+
+
+def test_a_run_of_bad_records_across_an_epoch_boundary_is_not_an_error():
+    # Epochs of 3 records, shuffled: [good, Y, X] then [X, Y, good]. The skips around the
+    # boundary draw X and Y twice each with no document between, and a good record still follows.
+    order = [[[1, 2, 3]], Skipped("Y", "bad"), Skipped("X", "bad")]
+    order += order[::-1]
+
+    class Stream:
+        i = 0
+
+        def __next__(self):
+            self.i += 1
+            return order[(self.i - 1) % len(order)]
+
+        def get_state(self):
+            return self.i
+
+    batches = PackedBatches(Stream(), 1, 16, 1, (4, 4, 3), 2, SpecialTokens(), window=3)
+    next(batches)  # a window of three documents: good, (Y X X Y), good, good
+    assert (batches.skipped_examples, batches.skipped_draws) == (2, 4)
+
+
+def test_a_caption_too_long_for_a_row_is_cut_to_fit_beside_its_image(tmp_path):
+    # 16 patches and 4 markers leave 10 of a row's 30 positions: the 57-byte caption (under
+    # max_caption_tokens) used to stop the run at the batch that drew it.
+    text = "a very long description of a small picture, in many words"
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": text}))
+    PILImage.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+    cfg = folder_config(tmp_path, seq_len=30, max_caption_tokens=64, caption_first_prob=1.0)
+    cfg.diffusion.cond_drop_rate = 0.0
+    batch = next(make_source(cfg, 2))
+    tokens = make_tokenizer(cfg.data.tokenizer).encode(text)[:10]
+    row = batch.tokens[0].tolist()  # BOS, the caption, BOI, the image, EOI, EOS
+    assert row[1:11] == tokens and row[11] == SpecialTokens().boi
 
 
 def test_images_are_composited_made_rgb_cropped_and_scaled():

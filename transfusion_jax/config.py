@@ -171,7 +171,7 @@ def base_config() -> ml_collections.ConfigDict:
     # What the model sees of an image: "pixels", or "vae" (the latents of image.vae_path,
     # normalised; encoded on the training devices, or read from a latent cache).
     c.data.latents = "pixels"
-    c.data.max_caption_tokens = 128  # Captions are cut to this many tokens.
+    c.data.max_caption_tokens = 128  # Captions are cut to this many tokens (and to fit a row).
     # Images with more pixels are skipped before decoding (a small PNG can decode to gigabytes).
     c.data.max_image_pixels = 64_000_000
     c.data.caption_first_prob = 0.8  # Caption-first (text->image) vs image-first (captioning).

@@ -38,7 +38,10 @@ class ToDocument:
         self.image_size, self.latent_space = data.image_size, latent_space
         self.vae_sample = cfg.image.vae_sample
         self.max_image_pixels = data.max_image_pixels
-        self.max_caption_tokens = data.max_caption_tokens
+        # A caption is cut to max_caption_tokens, and to what fits a row beside its image and the
+        # 4 markers: a longer one would stop the run at the batch that draws it, and every resume.
+        num_patches = (cfg.image.latent_size // cfg.image.patch_size) ** 2
+        self.max_caption_tokens = min(data.max_caption_tokens, data.seq_len - num_patches - 4)
         self.caption_first_prob = data.caption_first_prob
         self.cond_drop_rate = cfg.diffusion.cond_drop_rate
 

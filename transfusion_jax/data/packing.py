@@ -14,6 +14,7 @@ import logging
 
 from transfusion_jax.batch import Image, build_batch, document_length
 from transfusion_jax.data.documents import Skipped
+from transfusion_jax.workdir import RunError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ def first_fit(documents, seq_len: int, max_images: int, num_patches: int) -> lis
             row.length += length
             row.images += images
     return [row.documents for row in rows]
+
+
+class NoUsableRecordError(RunError):
+    """The data stream holds no record that makes a document: every one is `Skipped`."""
 
 
 class PackedBatches:
@@ -113,12 +118,26 @@ class PackedBatches:
         self._window_state = self.documents.get_state()
         self._skipped_before_window = self._skipped_state()
         window = []
+        # Skipped draws since the last document, and their records. Each record comes once an
+        # epoch, so a run of skips that draws some record a third time spans a whole epoch: then
+        # no record is usable, and drawing on would spin forever.
+        run_draws, run_origins = 0, set()
         while len(window) < self.window:
             document = next(self.documents)
-            if isinstance(document, Skipped):
-                self._skip(document)
-            else:
+            if not isinstance(document, Skipped):
                 window.append(document)
+                run_draws, run_origins = 0, set()
+                continue
+            self._skip(document)
+            run_draws += 1
+            run_origins.add(document.origin)
+            if run_draws > 2 * len(run_origins):
+                raise NoUsableRecordError(
+                    f"every record of the data was skipped ({len(run_origins)} records, each "
+                    f"drawn at least twice with no usable one between), e.g. {document}; the "
+                    "warnings above give each record's reason: fix the data, or the data.* "
+                    "setting that rejects it"
+                )
         self._rows = first_fit(window, self.seq_len, self.max_images, self.num_patches)
         self._emitted = 0
 
