@@ -26,7 +26,7 @@ from transfusion_jax import data as data_module
 from transfusion_jax.checkpoint import Checkpointer, CheckpointSaveError
 from transfusion_jax.inference import load_trained
 from transfusion_jax.sharding import make_mesh
-from transfusion_jax.train import NonFiniteLossError, train
+from transfusion_jax.train import NonFiniteLossError, own_data_state, train
 from transfusion_jax.train_step import TrainProgram
 from transfusion_jax.workdir import (
     ConfigChangedError,
@@ -321,6 +321,24 @@ def test_resume_accepts_steps_checkpointing_and_mesh_changes(tmp_path, straight)
     assert json.loads((tmp_path / "config.json").read_text())["train"]["keep_checkpoints"] == 5
     previous = json.loads((tmp_path / "config.step_2.json").read_text())
     assert previous["train"]["num_steps"] == 4  # the config that trained steps 1-2
+
+
+def test_a_resume_on_another_number_of_processes_starts_the_data_afresh(tmp_path, capsys):
+    # Each process reads its own slice of the records, so one process's iterator state is no
+    # place in another split. A checkpoint whose data states two processes saved, resumed by
+    # one: the stream restarts (as after a data change), instead of resuming process 0's slice.
+    cfg = fault_config()
+    train(cfg, tmp_path, stop_at_step=2)
+    item = tmp_path / "checkpoints" / "2" / "data" / "metadata"
+    states = json.loads(item.read_text())
+    item.write_text(json.dumps({"0": states["0"], "1": states["0"]}))
+    capsys.readouterr()
+    train(cfg, tmp_path)
+    out = capsys.readouterr().out
+    assert "read by 2 processes and this run has 1, so the data stream starts afresh" in out
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 7))
+    assert own_data_state(states, 0, 1) == states["0"]
+    assert own_data_state({"0": {}, "1": {}}, 1, 2) == {} and own_data_state(states, 1, 2) is None
 
 
 def test_the_resume_is_checked_against_the_checkpoints_own_config(tmp_path):

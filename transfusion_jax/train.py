@@ -431,10 +431,16 @@ def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step, task_class
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("damaged checkpoints set aside")
             checkpoints.manager.reload()
+        own_state = own_data_state(data_state, jax.process_index(), jax.process_count())
         if changes is not None and changes.data_changed:
             log("warning: the data config changed, so the data stream starts afresh")
+        elif own_state is None:
+            log(
+                f"warning: the checkpoint's data stream was read by {len(data_state)} processes "
+                f"and this run has {jax.process_count()}, so the data stream starts afresh"
+            )
         else:
-            source.set_state(data_state[str(jax.process_index())])
+            source.set_state(own_state)
         log(f"resumed from the checkpoint of step {resumed_step}")
     if jax.process_count() > 1:  # every process has read the old files before they change
         multihost_utils.sync_global_devices("resume checked")
@@ -517,6 +523,13 @@ def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step, task_class
 
 def _any_process(flag: bool) -> bool:
     return bool(multihost_utils.process_allgather(np.asarray([flag])).any())
+
+
+def own_data_state(data_states: dict, index: int, count: int) -> dict | None:
+    """This process's part of a checkpoint's data states (`_data_states`), or None when another
+    number of processes saved them: each read its own slice of the records (`[index::count]`),
+    so no part resumes another split. Every process decides alike, before any collective."""
+    return data_states[str(index)] if len(data_states) == count else None
 
 
 def _data_states(source) -> dict:
