@@ -195,6 +195,26 @@ def test_nonfinite_loss_stops_without_poisoning_checkpoints(tmp_path, poisoned):
     np.testing.assert_allclose(records[-1]["learning_rate"], float(program.schedule(3)), rtol=1e-6)
 
 
+def test_a_skipped_step_leaves_its_windows_means_over_the_applied_steps(tmp_path, poisoned):
+    # Steps 3 and 4 are skipped. Logged every step, they are the NaN records; logged every 3
+    # steps, each window's means are those of its two applied steps, not NaN.
+    cfg = small_config()
+    cfg.data.source = "poisoned"
+    cfg.train.update(nan_policy="skip", log_every=1)
+    train(cfg, tmp_path / "every")
+    cfg.train.log_every = 3
+    train(cfg, tmp_path / "windows")
+    every, windows = read_metrics(tmp_path / "every"), read_metrics(tmp_path / "windows")
+    assert [np.isnan(r["loss"]) for r in every] == [False, False, True, True, False, False]
+    assert [r["step"] for r in windows] == [3, 6]
+    for record, steps in zip(windows, ([1, 2], [5, 6]), strict=True):
+        for key in ("loss", "lm_loss", "diffusion_loss", "grad_norm"):
+            expected = np.mean([every[s - 1][key] for s in steps])
+            np.testing.assert_allclose(record[key], expected, rtol=1e-5)
+    rates = [r["learning_rate"] for r in every]  # every step's rate, skipped ones included
+    np.testing.assert_allclose(windows[1]["learning_rate"], np.mean(rates[3:]), rtol=1e-6)
+
+
 def test_weight_decay_mask_spares_norms_and_biases():
     cfg = tiny_config()
     program = TrainProgram(cfg, make_mesh(1, 1, 1, jax.devices()[:1]))

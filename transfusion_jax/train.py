@@ -550,7 +550,14 @@ def _log_record(window, steps, start, step, task, mfu_per_unit_per_s) -> dict:
     (`mfu_per_unit_per_s` = model FLOPs per unit / peak FLOP/s of the mesh, else 0)."""
     # The clock is read after the fetch, which waits for the device to finish the window's steps:
     # read before, it would time only the asynchronous dispatch.
-    means = {k: float(v) / steps for k, v in jax.device_get(window).items()}
+    totals = jax.device_get(window)
+    applied = float(totals.pop("finite_steps", steps))  # the steps not skipped as non-finite
+
+    def mean(key, total):  # a skipped step's metrics are zeros, apart from its learning rate
+        count = steps if key == "learning_rate" else applied
+        return float(total) / count if count else float("nan")
+
+    means = {k: mean(k, v) for k, v in totals.items()}
     elapsed = time.perf_counter() - start
     per_s = steps * task.units_per_step / elapsed
     record = {"step": step, **{k: means[k] for k in task.logged}}

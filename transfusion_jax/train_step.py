@@ -273,12 +273,13 @@ class TrainProgram:
             nonfinite_streak=streak,
             longest_nonfinite_streak=jnp.maximum(state.longest_nonfinite_streak, streak),
         )
+        # A skipped step's metrics are zeros and `finite_steps` counts the others, so a logged
+        # window's means are over the steps that were applied, not NaN for the whole window.
+        metrics = dict(metrics, grad_norm=grad_norm)
+        metrics = {k: jnp.where(finite, v, jnp.zeros_like(v)) for k, v in metrics.items()}
         # The rate Adam used: its schedule counts applied updates, not skipped steps.
-        metrics = dict(
-            metrics,
-            grad_norm=grad_norm,
-            learning_rate=self.schedule(state.step - state.nonfinite_steps),
-        )
+        metrics["learning_rate"] = self.schedule(state.step - state.nonfinite_steps)
+        metrics["finite_steps"] = finite.astype(jnp.float32)
         return new_state, metrics
 
     def after_update(self, params, metrics: dict, rng, step):
