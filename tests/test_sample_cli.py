@@ -93,6 +93,8 @@ def test_quickstart_evaluation_scores_with_the_exact_scorer(trained):
     assert json.loads((samples / "report.json").read_text()) == report
     lines = (samples / "captions.txt").read_text().splitlines()
     assert len(lines) == 4 and "asked: " in lines[0] and "truth: " in lines[2]
+    with Image.open(samples / "scored.png") as figure:  # the two tasks' panels, drawn
+        assert figure.format == "PNG" and figure.width > 16 * 8
     # The scorer behind the report is exact: it accepts the truth and rejects the drawings of an
     # untrained model (6 steps) - so an accuracy of 0 here is a measurement, not a default.
     scene = shapes.scene_for_index(0, 987_654)

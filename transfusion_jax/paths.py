@@ -14,6 +14,7 @@ cache) refuses a URL with a message.
 """
 
 import contextlib
+import io
 import os
 import pathlib
 import tempfile
@@ -64,6 +65,16 @@ def save_image(image, path) -> None:
         raise ValueError(f"{path}: unknown image file extension {path.suffix!r}")
     with path.open("wb") as f:
         image.save(f, format=image_format)
+
+
+def save_figure(figure, path, dpi: int = 100) -> None:
+    """A matplotlib figure written to `path` (local or a URL: matplotlib given a URL would write a
+    local file named after it), drawn to memory in the format its suffix names."""
+    path = as_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=path.suffix[1:].lower() or None, dpi=dpi)
+    path.write_bytes(buffer.getvalue())
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ are skipped, so a live run can be plotted.
 """
 
 import argparse
-import io
 import json
 import math
 import sys
@@ -25,7 +24,7 @@ import numpy as np
 
 from transfusion_jax.evaluation import COUNT_METRICS as COUNTS
 from transfusion_jax.evaluation import HEADLINE_METRICS as HEADLINES
-from transfusion_jax.paths import as_path
+from transfusion_jax.paths import as_path, save_figure
 
 TRAIN_KEYS = ("loss", "lm_loss", "lm_loss_after_image", "diffusion_loss", "learning_rate")
 EVAL_PREFIX = "eval/"
@@ -215,13 +214,7 @@ def plot_runs(dirs, out, x: str = "step", metrics=None) -> list[str]:
             ax.legend(fontsize="small")
     for ax in axes[len(keys) :]:
         ax.set_visible(False)
-    out = as_path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Drawn to memory, then written through epath (matplotlib given a URL would write a local
-    # file named after it); the format is the suffix's, as matplotlib picks from a file name.
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format=out.suffix[1:].lower() or None, dpi=100)
-    out.write_bytes(buffer.getvalue())
+    save_figure(figure, out)
     return keys
 
 

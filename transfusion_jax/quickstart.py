@@ -9,8 +9,9 @@
    one image for each of `--num` held-out captions and captions `--num` held-out pictures, both
    scored with the exact shapes scorer), captions (CIDEr-D), text and diffusion;
 3. writes DIR/samples/: grid.png and 000.png, ... (the drawings), captioned.png (the pictures it
-   captioned), captions.txt (each prompt and caption with its verdict) and report.json; the
-   metrics also go to DIR/eval/STEP.json;
+   captioned), scored.png (the first 16 prompts over their drawings and pictures under their
+   captions, framed by the verdict), captions.txt (each prompt and caption with its verdict) and
+   report.json; the metrics also go to DIR/eval/STEP.json;
 4. draws the training and evaluation curves into DIR/curves.png and prints the accuracies.
 """
 
@@ -25,8 +26,9 @@ from transfusion_jax.config import config_path
 from transfusion_jax.data import shapes
 from transfusion_jax.evaluate import evaluate as run_suites
 from transfusion_jax.inference import image_grid
-from transfusion_jax.paths import as_path, save_image
+from transfusion_jax.paths import as_path, save_figure, save_image
 from transfusion_jax.plot import plot_runs
+from transfusion_jax.scored_figure import scored_figure
 from transfusion_jax.train import train
 
 SUITES = ("shapes", "captions")  # generating; text and diffusion run with the config's sizes
@@ -45,6 +47,10 @@ def evaluate(workdir, num: int, steps: int, cfg_scale: float, seed: int = 0) -> 
         save_image(Image.fromarray(image), out / f"{i:03d}.png")
     save_image(Image.fromarray(image_grid(art["drawn"])), out / "grid.png")
     save_image(Image.fromarray(image_grid(art["pictures"])), out / "captioned.png")
+    verdicts = {k: [r["correct"] for r in art[k]] for k in ("image_scores", "caption_scores")}
+    drawings = zip(art["drawn"], art["prompts"], verdicts["image_scores"], strict=True)
+    captionings = zip(art["pictures"], art["captions"], verdicts["caption_scores"], strict=True)
+    save_figure(scored_figure(drawings, captionings), out / "scored.png")
     lines = [
         f"{i:03d}.png  asked: {p}  correct: {r['correct']}"
         for i, (p, r) in enumerate(zip(art["prompts"], art["image_scores"], strict=True))
@@ -128,6 +134,7 @@ def main():
         f"held out: diffusion loss {m['diffusion/val_loss']:.4f}, caption text "
         f"{m['text/bits_per_byte']:.3f} bits per byte; curves in {workdir / 'curves.png'}"
     )
+    print(f"the first 16 of each task, marked right or wrong: {out / 'scored.png'}")
 
 
 if __name__ == "__main__":
