@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.helpers import ROOT, command_env
 
 SMALL = [
@@ -82,3 +84,41 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
     assert "(SIGTERM); checkpoint saved" in out
     last = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert (tmp_path / "checkpoints" / str(last)).is_dir()
+
+
+RUN = "--workdir={run}"
+MISTAKES = [
+    # An override naming no key: ml_collections raises it while absl parses the flags.
+    (
+        [RUN, "--config.train.num_stepz=3"],
+        "error: --config.train.num_stepz: the config has no key ",
+    ),
+    ([RUN, "--config.bogus.key=1"], "error: --config.bogus.key: the config has no key 'bogus'"),
+    ([RUN, "--config.train.num_steps=abc"], "error: flag --config.train.num_steps=abc: invalid "),
+    ([], "error: flag --workdir=None: Flag --workdir must have a value"),
+    # An empty one (an unset shell variable) would have trained into the current directory.
+    (["--workdir="], "error: flag --workdir=: an empty --workdir would write the run here"),
+    # A config file that fails to load: its own message, not the traceback around it.
+    ([RUN, "--config=paper:9b"], "configs/paper.py: size '9b' is not one of ("),
+    # A field's check whose message ends in a quote keeps it.
+    ([RUN, "--config.diffusion.objective=flwo"], "'flwo' is not 'epsilon' or 'flow'"),
+]
+
+
+@pytest.mark.parametrize("module", ["train", "quickstart"])
+@pytest.mark.parametrize("args, message", MISTAKES)
+def test_command_line_mistakes_end_as_one_error_line_with_status_2(tmp_path, module, args, message):
+    if not args and module == "quickstart":
+        pytest.skip("the quickstart's --workdir has a default")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", f"transfusion_jax.{module}"] + ["--config=tiny"] * (
+        module == "train"
+    )
+    cmd += [a.format(run=run) for a in args]
+    done = subprocess.run(
+        cmd, cwd=tmp_path, env=command_env(), capture_output=True, text=True, timeout=300
+    )
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert lines[-1].startswith("error: ") and message in lines[-1], lines[-1]
+    assert "Traceback" not in done.stderr and sorted(tmp_path.iterdir()) == []  # nothing written

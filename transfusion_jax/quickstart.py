@@ -104,6 +104,7 @@ def define_flags() -> None:
         "The config to train (a file or a shipped name).",
     )
     flags.DEFINE_string("workdir", "workdirs/quickstart", "Where the run is written.")
+    flags.register_validator("workdir", bool, "an empty --workdir would write the run here")
     flags.DEFINE_integer("train_steps", 0, "Training steps; 0 = the config's.")
     flags.DEFINE_integer("num", 64, "Held-out captions to draw and images to caption.")
     flags.DEFINE_integer("steps", 100, "Denoising steps per image.")
@@ -138,5 +139,4 @@ def main():
 
 
 if __name__ == "__main__":
-    define_flags()
-    cli.run(main)
+    cli.run(main, define_flags)

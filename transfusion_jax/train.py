@@ -621,6 +621,7 @@ def define_flags() -> None:
         "Resume a run even though the model, data, optimizer or batch config changed.",
     )
     flags.mark_flags_as_required(["config", "workdir"])
+    flags.register_validator("workdir", bool, "an empty --workdir would write the run here")
 
 
 def initialize_processes() -> None:
