@@ -145,3 +145,16 @@ def test_every_vae_config_key_says_what_it_means():
     assert "train.batch_size = 32  # Global, in images." in lines
     latent = "vae.latent_channels = 4  # Channels of the latent"
     assert any(line.startswith(latent) for line in lines)
+
+
+def test_the_configs_command_lists_keys_and_refuses_unknown_names_in_one_line(capsys):
+    import importlib
+
+    command = importlib.import_module("transfusion_jax.configs.__main__")
+    command.main(["tiny"])
+    assert "train.num_steps = 1500  # " in capsys.readouterr().out
+    for name, message in [("nope", "--config nope: no such file"), ("paper:9b", "size '9b'")]:
+        with pytest.raises(SystemExit) as exit_info:
+            command.main([name])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith("error: ") and message in err

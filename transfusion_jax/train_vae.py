@@ -133,6 +133,12 @@ def main():
     train_vae(f.config, f.workdir, allow_config_change=f.allow_config_change)
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
+    """The training command's flags, listed by this command's --help (absl lists only the
+    flags of the module that runs)."""
     trainer.define_flags()
-    cli.run(main)
+    flags.adopt_module_key_flags(trainer)
+
+
+if __name__ == "__main__":
+    cli.run(main, define_flags)
