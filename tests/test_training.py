@@ -126,8 +126,10 @@ def test_export_with_flat_attention_weights_loads(tmp_path):
     cfg = small_config()
     program = one_device_program(cfg)
     params = program.init_state(0).params
-    export(nnx.merge(program.graphdef, params), program.cfg, 3, tmp_path / "new.safetensors")
-    with safe_open(str(tmp_path / "new.safetensors"), framework="numpy") as f:
+    new = tmp_path / "exports" / "new.safetensors"  # a folder that does not exist yet
+    export(nnx.merge(program.graphdef, params), program.cfg, 3, new)
+    assert sorted(p.name for p in new.parent.iterdir()) == ["new.safetensors"]  # no temporary
+    with safe_open(str(new), framework="numpy") as f:
         metadata = f.metadata()
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     flat = {}

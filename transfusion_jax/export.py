@@ -16,10 +16,10 @@ import jax
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save, save_file
+from safetensors.numpy import save
 
 from transfusion_jax.config import base_config
-from transfusion_jax.paths import as_path, is_local, local_copy
+from transfusion_jax.paths import as_path, local_copy, write_atomically
 from transfusion_jax.sharding import make_mesh
 from transfusion_jax.train_step import TrainProgram
 
@@ -43,10 +43,10 @@ def export(model, cfg, step: int, out, weights: str = "params") -> dict:
         "step": str(step),
         "weights": weights,
     }
-    if is_local(out):
-        save_file(tensors, str(out), metadata=metadata)
-    else:  # an object (gs://) is written whole, from the file's bytes in memory
-        as_path(out).write_bytes(save(tensors, metadata=metadata))
+    # The file's bytes, built in memory and written whole: an interrupted export leaves the
+    # previous file (locally, a rename) and an object store shows only a complete upload.
+    as_path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(out, save(tensors, metadata=metadata))
     return metadata
 
 

@@ -35,7 +35,6 @@ from transfusion_jax.config import CFG_SCALE_ABLATION, base_config, resolve_mode
 from transfusion_jax.data.images import load_image, to_uint8
 from transfusion_jax.data.tokenizer import make_tokenizer
 from transfusion_jax.diffusion import Diffusion
-from transfusion_jax.export import load_exported
 from transfusion_jax.generator import Generator, SamplingOptions
 from transfusion_jax.paths import as_path, local_copy
 from transfusion_jax.sharding import make_mesh
@@ -358,6 +357,10 @@ def load_trained(workdir, use_ema: bool = False, step: int | None = None, mesh=N
             with local_copy(workdir) as local, safe_open(str(local), framework="numpy") as f:
                 stored = json.loads((f.metadata() or {}).get("config", "{}"))
             mesh = _auto_mesh(stored)
+        # imported here: `python -m transfusion_jax.export` runs that module as a script, which
+        # warns when the package's import of the Pipeline had imported it already
+        from transfusion_jax.export import load_exported
+
         return load_exported(workdir, mesh)
     meshes = {}  # one mesh for every step tried, made from the first config read
 
