@@ -248,3 +248,17 @@ def test_export_writes_named_tensors_and_config_and_reads_back_exactly(trained, 
     save_file({"x": np.zeros(2, np.float32)}, str(bad))
     with pytest.raises(ValueError, match="not a transfusion_jax export"):
         load_trained(bad)
+
+
+def test_sample_draws_from_an_exported_file_and_refuses_ema_for_it(trained, tmp_path, capsys):
+    from transfusion_jax.export import main as export_main
+
+    exported = tmp_path / "model.safetensors"
+    export_main(["--workdir", str(trained), "--out", str(exported)])
+    with pytest.raises(SystemExit) as exit_info:
+        sample_cli.main(["--workdir", str(exported), "--prompt", "x", "--ema"])
+    assert exit_info.value.code == 2
+    assert "an export holds one set of weights; drop --ema and --step" in capsys.readouterr().err
+    sample_cli.main(["--workdir", str(exported), "--prompt", "a red circle", "--num", "1"]
+                    + ["--steps", "2"])  # fmt: skip
+    assert (tmp_path / "samples" / "000.png").is_file()  # beside the file, by default

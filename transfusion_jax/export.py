@@ -50,16 +50,24 @@ def export(model, cfg, step: int, out, weights: str = "params") -> dict:
     return metadata
 
 
+def exported_config(path) -> dict:
+    """The config an exported file was written with (its metadata only, no tensors)."""
+    path = as_path(path)
+    with local_copy(path) as local, safe_open(str(local), framework="numpy") as f:
+        metadata = f.metadata() or {}
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise ValueError(f"{path}: not a transfusion_jax export (no config in its metadata)")
+    return json.loads(metadata["config"])
+
+
 def load_exported(path, mesh=None):
     """(model, config, step) from an exported file, placed on `mesh` (default: one device).
     Every tensor must be there with its shape; a missing or misshapen one is named."""
     path = as_path(path)
+    cfg = base_config()  # keys added since the export keep their defaults
+    cfg.update(exported_config(path))
     with local_copy(path) as local, safe_open(str(local), framework="numpy") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT or "config" not in metadata:
-            raise ValueError(f"{path}: not a transfusion_jax export (no config in its metadata)")
-        cfg = base_config()  # keys added since the export keep their defaults
-        cfg.update(json.loads(metadata["config"]))
+        metadata = f.metadata()
         mesh = mesh or make_mesh(1, 1, 1, jax.local_devices()[:1])
         program = TrainProgram(cfg, mesh, frozen_weights=False)
         abstract = program.abstract_state().params

@@ -25,6 +25,7 @@ from transfusion_jax.checkpoint import Checkpointer
 from transfusion_jax.config import CFG_SCALE_ABLATION
 from transfusion_jax.data.tokenizer import make_tokenizer
 from transfusion_jax.diffusion_solvers import METHODS
+from transfusion_jax.export import exported_config
 from transfusion_jax.inference import SAMPLERS_FOR, Pipeline, auto_mesh_shape, image_grid
 from transfusion_jax.paths import as_path, save_image
 from transfusion_jax.sharding import make_mesh
@@ -108,7 +109,15 @@ def _mesh_shape(value: str, devices: int, kv_heads: int, parser) -> tuple[int, i
 
 def _stored_config(args, parser) -> dict:
     """The config of the checkpoint that will load (JSON only, no model): the one stored with
-    it, else DIR/config.json."""
+    it, else DIR/config.json; or an exported file's."""
+    if args.workdir.endswith(".safetensors") and as_path(args.workdir).is_file():
+        if args.ema or args.step is not None:
+            parser.error(f"--workdir {args.workdir}: an export holds one set of weights; "
+                         "drop --ema and --step")  # fmt: skip
+        try:
+            return exported_config(args.workdir)
+        except ValueError as e:
+            parser.error(str(e))
     checkpoints = Checkpointer(as_path(args.workdir) / "checkpoints", None, read_only=True)
     try:
         steps = checkpoints.manager.all_steps()
@@ -125,12 +134,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--workdir", required=True, help="a training run's directory")
+    parser.add_argument(
+        "--workdir", required=True, help="a training run's directory, or an exported .safetensors"
+    )
     parser.add_argument("--prompt", help="text -> image: the caption to draw (may be empty)")
     parser.add_argument("--image", help="image -> text: a picture to caption")
     parser.add_argument("--text", help="a text to continue (images where the model opens one)")
     parser.add_argument("--num", type=int, default=8, help="images to draw for --prompt")
-    parser.add_argument("--out", default=None, help="where to write images (default DIR/samples)")
+    parser.add_argument(
+        "--out", default="DIR/samples", help="where to write images (DIR: the --workdir)"
+    )
     parser.add_argument(
         "--cfg_scale",
         "--cfg-scale",
@@ -145,8 +158,14 @@ def main(argv=None):
         choices=METHODS,
         help="ddpm/ddim (epsilon models), euler/heun (flow models); default ddpm or heun",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the noise and the sampling")
+    parser.add_argument(
+        "--max_new_tokens",
+        "--max-new-tokens",
+        type=int,
+        default=64,
+        help="the most tokens a caption (--image) or a continuation (--text) gets",
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (--text)")
     parser.add_argument("--top_k", type=int, default=0, help="0 = no top-k filter (--text)")
     parser.add_argument("--top_p", type=float, default=1.0, help="1 = no nucleus filter (--text)")
@@ -164,7 +183,7 @@ def main(argv=None):
     )
     parser.add_argument("--ema", action="store_true", help="use the EMA weights")
     parser.add_argument(
-        "--step", type=int, default=None, help="the checkpoint to load (default: the newest)"
+        "--step", type=int, default=None, help="the checkpoint to load (None: the newest)"
     )
     parser.add_argument(
         "--mesh",
@@ -186,7 +205,9 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, RunError) as e:
         parser.exit(2, f"error: {e}\n")
     print(f"loaded {args.workdir} at step {pipe.step}", file=sys.stderr)
-    out = as_path(args.out or as_path(args.workdir) / "samples")
+    run = as_path(args.workdir)
+    run = run.parent if run.suffix == ".safetensors" else run  # an export: the folder holding it
+    out = run / "samples" if args.out == "DIR/samples" else as_path(args.out)
     if args.image is not None:
         print(pipe.caption(args.image, max_new_tokens=args.max_new_tokens, seed=args.seed)[0])
         return

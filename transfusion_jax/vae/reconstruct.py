@@ -54,14 +54,21 @@ def comparison_grid(images: np.ndarray, rebuilt: np.ndarray, border: int = 2) ->
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--vae", required=True, help="a train_vae workdir or diffusers directory")
     parser.add_argument("--data", required=True, help="an image folder (metadata.jsonl)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--num", type=int, default=8, help="images in the grid")
     parser.add_argument("--score", type=int, default=64, help="held-out images scored")
-    parser.add_argument("--held_out_percent", type=float, default=5.0)
-    parser.add_argument("--out", default="reconstructions.png")
+    parser.add_argument(
+        "--held_out_percent",
+        type=float,
+        default=5.0,
+        help="the held-out share of --data, as the VAE's training run split it",
+    )
+    parser.add_argument("--out", default="reconstructions.png", help="the comparison grid")
     args = parser.parse_args(argv)
     cfg = ml_collections.ConfigDict(
         dict(
@@ -75,8 +82,11 @@ def main(argv=None):
             train=dict(seed=0),
         )
     )
-    vae = load_vae(args.vae)
-    images = first_images(cfg, max(args.num, args.score), held=True)
+    try:  # a missing VAE or data folder, a folder that is not one
+        vae = load_vae(args.vae)
+        images = first_images(cfg, max(args.num, args.score), held=True)
+    except (FileNotFoundError, ValueError) as e:
+        parser.exit(2, f"error: {e}\n")
     rebuilt = reconstruct(vae, images)
     s = scores(images[: args.score], rebuilt[: args.score])
     save_image(Image.fromarray(comparison_grid(images[: args.num], rebuilt[: args.num])), args.out)
