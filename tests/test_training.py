@@ -217,6 +217,22 @@ def test_a_skipped_step_leaves_its_windows_means_over_the_applied_steps(tmp_path
     np.testing.assert_allclose(windows[1]["learning_rate"], np.mean(rates[3:]), rtol=1e-6)
 
 
+def test_a_finished_run_started_again_says_so_without_compiling(tmp_path, monkeypatch, capsys):
+    cfg = small_config()
+    cfg.train.num_steps = 2
+    train(cfg, tmp_path)
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+
+    def must_not_compile(*args, **kwargs):
+        raise AssertionError("a finished run compiled its step")
+
+    monkeypatch.setattr(TrainProgram, "compile", must_not_compile)
+    capsys.readouterr()
+    assert train(cfg, tmp_path) == {}
+    assert "already at step 2 of train.num_steps 2: nothing to train" in capsys.readouterr().out
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+
 def test_weight_decay_mask_spares_norms_and_biases():
     cfg = tiny_config()
     program = TrainProgram(cfg, make_mesh(1, 1, 1, jax.devices()[:1]))

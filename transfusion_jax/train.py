@@ -450,6 +450,13 @@ def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step, task_class
             log(f"metrics.jsonl: dropped {dropped} lines past step {resumed_step or 0}")
         write_config(workdir, cfg, resumed_step)
 
+    if int(state.step) >= training.num_steps:  # before the compile, which takes a while
+        log(
+            f"the run is already at step {int(state.step)} of train.num_steps "
+            f"{training.num_steps}: nothing to train (raise train.num_steps to go on)"
+        )
+        return {}
+
     # -- compile ahead of time ------------------------------------------------------------------
     first_batch = shd.global_batch(next(source), mesh)  # global shapes, also with N processes
     compiled = program.compile(first_batch)
