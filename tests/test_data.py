@@ -186,6 +186,8 @@ def test_a_folder_with_no_valid_example_fails_at_start(tmp_path):
         make_source(folder_config(tmp_path), 2)
     with pytest.raises(FileNotFoundError, match="metadata.jsonl does not exist"):
         make_source(folder_config(tmp_path / "nowhere"), 2)
+    with pytest.raises(FileNotFoundError, match="data.path: not set; give --config.data.path="):
+        make_source(folder_config(""), 2)  # not "./metadata.jsonl does not exist"
 
 
 def test_a_folder_whose_every_image_is_unreadable_stops_with_an_error(tmp_path):

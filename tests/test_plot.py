@@ -90,22 +90,25 @@ def test_metrics_restrict_the_panels(runs, tmp_path):
         plot_runs(runs, out, metrics=["loss", "nope"])
 
 
-def test_x_flops_needs_train_flops(runs, tmp_path):
+def test_x_flops_needs_train_flops(runs, tmp_path, capsys):
     small, large = runs
     out = tmp_path / "flops.png"
     assert plot_runs([small], out, x="flops") == EXPECTED
     check_image(out)
     with pytest.raises(SystemExit) as error:
         main([str(small), str(large), "--out", str(out), "--x", "flops"])
-    assert "large" in str(error.value.code) and "train_flops" in str(error.value.code)
+    message = capsys.readouterr().err
+    assert error.value.code == 2 and message.startswith("error: ")
+    assert "large" in message and "train_flops" in message
 
 
-def test_missing_metrics_file_names_the_directory(runs, tmp_path):
+def test_missing_metrics_file_names_the_directory(runs, tmp_path, capsys):
     empty = tmp_path / "not_a_run"
     empty.mkdir()
     with pytest.raises(SystemExit) as error:
         main([str(runs[0]), str(empty), "--out", str(tmp_path / "x.png")])
-    assert str(empty) in str(error.value.code) and "metrics.jsonl" in str(error.value.code)
+    message = capsys.readouterr().err
+    assert error.value.code == 2 and str(empty) in message and "metrics.jsonl" in message
     with pytest.raises(PlotError, match="does not exist"):
         read_runs([tmp_path / "missing"])
     assert not (tmp_path / "x.png").exists()

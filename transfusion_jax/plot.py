@@ -239,8 +239,8 @@ def main(argv=None) -> None:
         metrics = [key.strip() for key in args.metrics.split(",") if key.strip()]
     try:
         keys = plot_runs(args.dirs, args.out, x=args.x, metrics=metrics)
-    except PlotError as e:
-        raise SystemExit(f"error: {e}") from None
+    except PlotError as e:  # exit status 2, as the other commands refuse what they are given
+        parser.exit(2, f"error: {e}\n")
     print(f"wrote {args.out}: {len(keys)} panels ({', '.join(keys)})")
 
 

@@ -34,6 +34,11 @@ class ImageFolderSource:
     """
 
     def __init__(self, path, field: str = "data.path"):
+        if not str(path):  # as_path("") is the current directory: say what is missing instead
+            raise FileNotFoundError(
+                f"config field {field}: not set; give --config.{field}=FOLDER, an ImageFolder "
+                f'directory with metadata.jsonl rows {{"file_name": ..., "text": ...}}'
+            )
         self.root = as_path(path)  # a local path or a URL (gs://)
         metadata = self.root / "metadata.jsonl"
         if not metadata.is_file():
@@ -235,6 +240,11 @@ class TextSource:
     """
 
     def __init__(self, path, field: str = "data.text_path"):
+        if not str(path):
+            raise FileNotFoundError(
+                f"config field {field}: not set; give --config.{field}=PATH (a text file or "
+                "a folder of them)"
+            )
         root = as_path(path)  # a local path or a URL (gs://)
         if not root.exists():
             raise FileNotFoundError(f"config field {field}: {root} does not exist")
