@@ -197,6 +197,20 @@ def test_nonfinite_loss_stops_without_poisoning_checkpoints(tmp_path, poisoned):
     np.testing.assert_allclose(records[-1]["learning_rate"], float(program.schedule(3)), rtol=1e-6)
 
 
+def test_nan_policy_stop_after_a_resume_counts_only_the_steps_it_ran(tmp_path, poisoned):
+    # Steps 3 and 4 are skipped under `skip`; resumed under `stop`, the clean steps 5 and 6 run,
+    # and a new non-finite step would still stop it (the first test above).
+    cfg = small_config()
+    cfg.data.source = "poisoned"
+    cfg.train.update(nan_policy="skip", num_steps=4)
+    train(cfg, tmp_path)
+    cfg.train.update(nan_policy="stop", num_steps=6)
+    train(cfg, tmp_path, allow_config_change=True)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 7)) and records[-1]["nonfinite_steps"] == 2
+    assert np.isfinite(records[-1]["loss"])
+
+
 def test_a_skipped_step_leaves_its_windows_means_over_the_applied_steps(tmp_path, poisoned):
     # Steps 3 and 4 are skipped. Logged every step, they are the NaN records; logged every 3
     # steps, each window's means are those of its two applied steps, not NaN.

@@ -472,6 +472,7 @@ def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step, task_class
     preemption = PreemptionFlag()
     eval_every = training.get("eval_every", 0)  # a task with held-out metrics (the VAE) has one
     step = int(state.step)
+    start = (step, int(state.nonfinite_steps))  # nan_policy=stop watches the steps from here
     last_logged, window, window_start, window_steps = {}, None, time.perf_counter(), 0
     pending = first_batch
     try:
@@ -506,11 +507,11 @@ def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step, task_class
                 evaluated = {k: v for k, v in record.items() if k.startswith("eval/")}
                 if evaluated:
                     log(f"evaluation at step {step}: " + _eval_line(record))
-                _check_finite(state, training)
+                _check_finite(state, training, start)
                 last_logged, window, window_steps = record, None, 0
                 window_start = time.perf_counter()
             if step % training.checkpoint_every == 0 or step == training.num_steps or stopping:
-                _check_finite(state, training)
+                _check_finite(state, training, start)
                 info = task.checkpoint_info(state)
                 checkpoints.save(step, state, _data_states(source), saved_config, info)
             if stopping:
@@ -595,11 +596,15 @@ def _eval_line(record: dict) -> str:
     return line + f"  ({record.get('eval_s', 0):.0f} s)"
 
 
-def _check_finite(state, training) -> None:
-    if training.nan_policy == "stop" and int(state.nonfinite_steps) > 0:
+def _check_finite(state, training, start: tuple[int, int]) -> None:
+    """Stops the run as train.nan_policy and max_nonfinite_streak say. `start` = (step, skipped
+    steps) where this run began: steps a resumed run skipped under `skip` are not counted."""
+    start_step, skipped_before = start
+    if training.nan_policy == "stop" and int(state.nonfinite_steps) > skipped_before:
         first = int(state.first_nonfinite_step)
+        where = f"step {first + 1}" if not skipped_before else f"a step after step {start_step}"
         raise NonFiniteLossError(
-            f"step {first + 1}: the loss or gradient is not finite. That update was not applied, "
+            f"{where}: the loss or gradient is not finite. That update was not applied, "
             f"so the weights (and any checkpoint) are still clean. Lower optimizer.peak_lr (resume "
             f"with --allow_config_change), check the data, or set "
             f"--config.train.nan_policy=skip to skip such steps."
