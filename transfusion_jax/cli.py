@@ -3,6 +3,7 @@ logging off unless `-v` is given, and errors a user can act on printed as one `e
 (exit 2 when refused before anything ran, 1 when a run failed; TRANSFUSION_DEBUG=1 shows the
 traceback instead)."""
 
+import argparse
 import contextlib
 import os
 import sys
@@ -97,3 +98,11 @@ def unknown_override(argv: list[str], error: Exception) -> str:
         f"{flag}: the config has no key {missing!r}{hint}; "
         "`python -m transfusion_jax.configs NAME` lists them"
     )
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's --help with each option's default, except where there is none to show (a
+    required option, a flag whose absence means "as the run says")."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)

@@ -22,6 +22,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from transfusion_jax import cli
 from transfusion_jax.data.images import to_uint8
 from transfusion_jax.evaluation.evaluator import Evaluator, eval_settings
 from transfusion_jax.inference import image_grid, load_trained
@@ -135,7 +136,7 @@ def evaluate(workdir, suites, step=None, ema=False, **overrides) -> Evaluation:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.splitlines()[0], formatter_class=cli.DefaultsHelpFormatter
     )
     parser.add_argument(
         "--workdir", required=True, help="a training run's directory (or an exported .safetensors)"
@@ -145,10 +146,12 @@ def main(argv=None):
     )
     parser.add_argument("--step", type=int, default=None, help="default: the newest checkpoint")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
-    group = parser.add_argument_group("overrides of the run's eval config section")
+    group = parser.add_argument_group(
+        "overrides of the run's eval config section (each absent one: the run's eval.* value)"
+    )
     group.add_argument("--num", type=int, help="held-out examples per suite")
     group.add_argument("--batch_size", type=int, help="examples per batch")
-    group.add_argument("--seed", type=int)
+    group.add_argument("--seed", type=int, help="the noise and sampling of every suite")
     group.add_argument("--steps", type=int, help="denoising steps of the generating suites")
     group.add_argument("--cfg_scale", type=float, help="classifier-free guidance")
     group.add_argument("--text_path", help="text suite: a held-out .txt / .jsonl file")

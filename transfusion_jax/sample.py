@@ -21,6 +21,7 @@ import sys
 import jax
 from PIL import Image
 
+from transfusion_jax import cli
 from transfusion_jax.checkpoint import Checkpointer
 from transfusion_jax.config import CFG_SCALE_ABLATION
 from transfusion_jax.data.tokenizer import make_tokenizer
@@ -132,7 +133,7 @@ def _stored_config(args, parser) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.splitlines()[0], formatter_class=cli.DefaultsHelpFormatter
     )
     parser.add_argument(
         "--workdir", required=True, help="a training run's directory, or an exported .safetensors"

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from transfusion_jax import cli
 from transfusion_jax.data.images import to_uint8
 from transfusion_jax.paths import save_image
 from transfusion_jax.vae import load_vae
@@ -55,7 +56,7 @@ def comparison_grid(images: np.ndarray, rebuilt: np.ndarray, border: int = 2) ->
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n")[0], formatter_class=cli.DefaultsHelpFormatter
     )
     parser.add_argument("--vae", required=True, help="a train_vae workdir or diffusers directory")
     parser.add_argument("--data", required=True, help="an image folder (metadata.jsonl)")
