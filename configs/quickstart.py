@@ -1,7 +1,8 @@
 """The main job's config: `tiny` tuned to show learning within about 15 CPU minutes.
 
-The same 2M-parameter model as `configs/tiny.py`, trained where it learns fastest per CPU second
-(measured in the issue notes and the README's quickstart section):
+tiny's model (4 layers of width 128, U-Net patch layers; 1.5M parameters at these sizes), trained
+where it learns fastest per CPU second (measured in the issue notes and the README's quickstart
+section):
 - 16x16 images in 2x2 patches: still 64 positions per image, but the U-Net works on a quarter of
   the pixels, so a step takes about 0.4 of tiny's; shapes are 4 and 6 pixels wide, which the exact
   scorer reads back from every rendered scene;
