@@ -18,7 +18,6 @@ outputs are those of one device.
 """
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -27,7 +26,6 @@ import jax
 import numpy as np
 from flax import nnx
 from PIL import Image as PILImage
-from safetensors import safe_open
 from tqdm import tqdm
 
 from transfusion_jax.checkpoint import restore_trained
@@ -36,7 +34,7 @@ from transfusion_jax.data.images import load_image, to_uint8
 from transfusion_jax.data.tokenizer import make_tokenizer
 from transfusion_jax.diffusion import Diffusion
 from transfusion_jax.generator import Generator, SamplingOptions
-from transfusion_jax.paths import as_path, local_copy
+from transfusion_jax.paths import as_path
 from transfusion_jax.sharding import make_mesh
 from transfusion_jax.train_step import TrainProgram
 
@@ -353,14 +351,12 @@ def load_trained(workdir, use_ema: bool = False, step: int | None = None, mesh=N
     if workdir.suffix == ".safetensors" and workdir.is_file():  # an export (export.py)
         if use_ema or step is not None:
             raise ValueError(f"{workdir}: an export holds one set of weights (no ema, no step)")
-        if isinstance(mesh, str):
-            with local_copy(workdir) as local, safe_open(str(local), framework="numpy") as f:
-                stored = json.loads((f.metadata() or {}).get("config", "{}"))
-            mesh = _auto_mesh(stored)
         # imported here: `python -m transfusion_jax.export` runs that module as a script, which
         # warns when the package's import of the Pipeline had imported it already
-        from transfusion_jax.export import load_exported
+        from transfusion_jax.export import exported_config, load_exported
 
+        if isinstance(mesh, str):
+            mesh = _auto_mesh(exported_config(workdir))
         return load_exported(workdir, mesh)
     meshes = {}  # one mesh for every step tried, made from the first config read
 
