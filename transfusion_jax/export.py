@@ -50,6 +50,12 @@ def export(model, cfg, step: int, out, weights: str = "params") -> dict:
     return metadata
 
 
+def is_export(path) -> bool:
+    """Whether `path` names an exported file rather than a training run's directory."""
+    path = as_path(path)
+    return path.suffix == ".safetensors" and path.is_file()
+
+
 def exported_config(path) -> dict:
     """The config an exported file was written with (its metadata only, no tensors)."""
     path = as_path(path)

@@ -348,13 +348,13 @@ def load_trained(workdir, use_ema: bool = False, step: int | None = None, mesh=N
     workdir = as_path(workdir)
     if isinstance(mesh, str) and mesh != "auto":
         raise ValueError(f"mesh {mesh!r}: a jax.sharding.Mesh, None (one device) or 'auto'")
-    if workdir.suffix == ".safetensors" and workdir.is_file():  # an export (export.py)
+    # imported here: `python -m transfusion_jax.export` runs that module as a script, which
+    # warns when the package's import of the Pipeline had imported it already
+    from transfusion_jax.export import exported_config, is_export, load_exported
+
+    if is_export(workdir):
         if use_ema or step is not None:
             raise ValueError(f"{workdir}: an export holds one set of weights (no ema, no step)")
-        # imported here: `python -m transfusion_jax.export` runs that module as a script, which
-        # warns when the package's import of the Pipeline had imported it already
-        from transfusion_jax.export import exported_config, load_exported
-
         if isinstance(mesh, str):
             mesh = _auto_mesh(exported_config(workdir))
         return load_exported(workdir, mesh)

@@ -26,7 +26,7 @@ from transfusion_jax.checkpoint import Checkpointer
 from transfusion_jax.config import CFG_SCALE_ABLATION
 from transfusion_jax.data.tokenizer import make_tokenizer
 from transfusion_jax.diffusion_solvers import METHODS
-from transfusion_jax.export import exported_config
+from transfusion_jax.export import exported_config, is_export
 from transfusion_jax.inference import SAMPLERS_FOR, Pipeline, auto_mesh_shape, image_grid
 from transfusion_jax.paths import as_path, save_image
 from transfusion_jax.sharding import make_mesh
@@ -111,10 +111,12 @@ def _mesh_shape(value: str, devices: int, kv_heads: int, parser) -> tuple[int, i
 def _stored_config(args, parser) -> dict:
     """The config of the checkpoint that will load (JSON only, no model): the one stored with
     it, else DIR/config.json; or an exported file's."""
-    if args.workdir.endswith(".safetensors") and as_path(args.workdir).is_file():
+    if is_export(args.workdir):
         if args.ema or args.step is not None:
-            parser.error(f"--workdir {args.workdir}: an export holds one set of weights; "
-                         "drop --ema and --step")  # fmt: skip
+            parser.error(
+                f"--workdir {args.workdir}: an export holds one set of weights; drop --ema and "
+                "--step"
+            )
         try:
             return exported_config(args.workdir)
         except ValueError as e:
@@ -207,7 +209,7 @@ def main(argv=None):
         parser.exit(2, f"error: {e}\n")
     print(f"loaded {args.workdir} at step {pipe.step}", file=sys.stderr)
     run = as_path(args.workdir)
-    run = run.parent if run.suffix == ".safetensors" else run  # an export: the folder holding it
+    run = run.parent if is_export(run) else run  # an export: the folder holding it
     out = run / "samples" if args.out == "DIR/samples" else as_path(args.out)
     if args.image is not None:
         print(pipe.caption(args.image, max_new_tokens=args.max_new_tokens, seed=args.seed)[0])
