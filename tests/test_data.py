@@ -4,6 +4,10 @@ and the real folders in ../shared/data."""
 import io
 import json
 import logging
+import multiprocessing
+import os
+import signal
+import time
 
 import grain
 import jax
@@ -354,6 +358,27 @@ def test_worker_processes_give_the_same_batches(tmp_path):
     resumed.set_state(state)
     for tokens in expected[2:]:
         np.testing.assert_array_equal(next(resumed).tokens, tokens)
+
+
+def test_worker_processes_outlive_a_stop_signal_sent_to_the_process_group(tmp_path):
+    """Ctrl-C or a group SIGTERM reaches grain's workers too; the training process then needs
+    them for the batch it checkpoints with, so they ignore it (grain stops them on close)."""
+    write_folder(tmp_path, 8)
+    cfg = folder_config(tmp_path)
+    plain = make_source(cfg, 2)
+    expected = [next(plain).tokens for _ in range(4)]
+    cfg.data.num_workers = 1
+    source = make_source(cfg, 2)
+    np.testing.assert_array_equal(next(source).tokens, expected[0])
+    workers = multiprocessing.active_children()
+    assert workers, "no worker process started"
+    for worker in workers:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            os.kill(worker.pid, sig)
+    time.sleep(1.0)  # a worker that died of them is gone by now
+    for tokens in expected[1:]:
+        np.testing.assert_array_equal(next(source).tokens, tokens)
+    assert all(worker.is_alive() for worker in workers)
 
 
 def test_text_mixing_keeps_the_token_ratio(tmp_path):

@@ -6,6 +6,7 @@ the stream exactly, so a resumed run sees the batches an uninterrupted one would
 """
 
 import logging
+import signal
 
 import grain
 from absl import flags
@@ -41,8 +42,19 @@ def document_stream(
     if data.num_workers > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside app.run
             flags.FLAGS.mark_as_parsed()  # (a library call, a test) use their defaults
-        stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.num_workers))
+        stream = stream.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=data.num_workers),
+            worker_init_fn=ignore_stop_signals,
+        )
     return stream
+
+
+def ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+    """Keeps a decoding worker alive through Ctrl-C or a SIGTERM sent to the whole process
+    group: the training process then checkpoints, which needs the next batch and the stream's
+    state, and grain stops its workers as it closes (an event, then SIGKILL after a timeout)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class MixedDocuments:
