@@ -11,6 +11,7 @@ from flax import nnx
 
 from tests.helpers import SPECIAL, flat_attention_layout, tiny_config
 from transfusion_jax import data as data_module
+from transfusion_jax import train as train_module
 from transfusion_jax.batch import build_batch, image_first_document
 from transfusion_jax.checkpoint import Checkpointer
 from transfusion_jax.data.synthetic import SyntheticSource
@@ -247,6 +248,31 @@ def test_a_finished_run_started_again_says_so_without_compiling(tmp_path, monkey
     assert (tmp_path / "metrics.jsonl").read_text() == metrics
 
 
+def test_a_stop_signal_at_an_evaluation_step_saves_without_evaluating(
+    tmp_path, monkeypatch, capsys
+):
+    """A preemption's grace period is for the checkpoint: an evaluation due at that step (which
+    may take minutes) is skipped, and said so."""
+
+    class Raised(train_module.PreemptionFlag):
+        def __init__(self):
+            super().__init__()
+            self.raised = "SIGTERM"  # as if it came during the first step
+
+    def must_not_evaluate(*args, **kwargs):
+        raise AssertionError("evaluated before the preemption checkpoint")
+
+    monkeypatch.setattr(train_module, "PreemptionFlag", Raised)
+    monkeypatch.setattr(train_module.TransfusionTask, "evaluate", must_not_evaluate)
+    cfg = small_config()
+    cfg.train.update(eval_every=1, log_every=2)
+    train(cfg, tmp_path)
+    out = capsys.readouterr().out
+    assert "evaluation at step 1 skipped: a stop signal wants the checkpoint" in out
+    assert "stopping at step 1 (SIGTERM); checkpoint saved" in out
+    assert Checkpointer(tmp_path / "checkpoints", keep=3).latest_step() == 1
+
+
 def test_weight_decay_mask_spares_norms_and_biases():
     cfg = tiny_config()
     program = TrainProgram(cfg, make_mesh(1, 1, 1, jax.devices()[:1]))
@@ -367,8 +393,6 @@ def test_bfloat16_compute_with_float32_master_weights():
 
 def test_logged_throughput_matches_the_wall_clock(tmp_path, monkeypatch):
     """tokens/s is timed on what the device finished, not on the asynchronous dispatch."""
-    from transfusion_jax import train as train_module
-
     written = []
     original = train_module.MetricsWriter.write
 
