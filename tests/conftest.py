@@ -55,6 +55,7 @@ SLOW_TESTS = {
     "test_corrupt_folder_trains_on",
     "test_train_resume_load_sample_evaluate_export_and_plot_in_a_bucket",
     "test_worker_processes_give_the_same_batches",
+    "test_worker_processes_outlive_a_stop_signal_sent_to_the_process_group",
     "test_scanned_layers_equal_a_python_loop",
     "test_the_runs_true_caption_losses_are_the_diffusion_suites",  # trains tiny_shapes_run
     "test_binding_rows_are_the_subsets_losses_each_example_with_its_own_noise",  # the same
