@@ -22,6 +22,7 @@ from orbax.checkpoint._src.checkpointers import async_checkpointer
 
 from tests.helpers import ROOT, command_env
 from tests.test_training import PoisonedSource, final_params, read_metrics, small_config
+from transfusion_jax import checkpoint as checkpoint_module
 from transfusion_jax import data as data_module
 from transfusion_jax.checkpoint import Checkpointer, CheckpointSaveError
 from transfusion_jax.inference import load_trained
@@ -139,7 +140,10 @@ def damage(step_dir, how):
 
 
 @pytest.mark.parametrize("how", ["truncated data files", "missing _METADATA"])
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, straight, how, caplog):
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_step(
+    tmp_path, straight, how, caplog, monkeypatch
+):
+    monkeypatch.setattr(checkpoint_module, "RESTORE_RETRY_S", 0)
     workdir = tmp_path / "run"
     cfg = fault_config()
     train(cfg, workdir, stop_at_step=4)  # checkpoints 2 and 4
@@ -153,6 +157,30 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, str
     train(cfg, workdir)
     assert (workdir / "damaged_checkpoints" / "4").is_dir()
     assert_same_run(workdir, straight, cfg)
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_a_restore_that_fails_once_is_not_damage(tmp_path, monkeypatch, failures):
+    """A storage service briefly unavailable fails one read of the newest checkpoint: tried
+    again, it restores, and nothing is set aside. Failing twice, it counts as damaged."""
+    checkpoints = Checkpointer(tmp_path / "checkpoints", keep=3)
+    monkeypatch.setattr(checkpoints.manager, "all_steps", lambda: [2, 4])
+    monkeypatch.setattr(checkpoint_module, "RESTORE_RETRY_S", 0)
+    tries = []
+
+    def restore(step, abstract_state):
+        tries.append(step)
+        if step == 4 and tries.count(4) <= failures:
+            raise ValueError("UNAVAILABLE: the storage service is unavailable")
+        return f"state {step}", {"data": step}
+
+    monkeypatch.setattr(checkpoints, "restore", restore)
+    restored = checkpoints.restore_latest(abstract_state=None)
+    checkpoints.close()
+    if failures == 1:
+        assert restored == (4, "state 4", {"data": 4}, []) and tries == [4, 4]
+    else:
+        assert restored == (2, "state 2", {"data": 2}, [4]) and tries == [4, 4, 2]
 
 
 # -- a failed save: injected, and a real full filesystem --------------------------------------

@@ -6,7 +6,8 @@ mesh, so a run saved on one mesh shape resumes on another.
 
 Faults: a save that fails in the background (a full disk) is reported by `check_saved` as soon
 as it ends, not one save later; `restore_latest` falls back from a damaged checkpoint (a
-truncated file, a missing `_METADATA`) to the newest one that restores, naming the damaged ones.
+truncated file, a missing `_METADATA`) to the newest one that restores, naming the damaged ones;
+a checkpoint counts as damaged only when a second try, after a pause, fails too.
 Orbax itself writes each step to a temporary directory and renames it when complete, so a crash
 mid-save leaves the previous steps intact.
 """
@@ -16,6 +17,7 @@ import logging
 import math
 import os
 import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,7 @@ from transfusion_jax.workdir import RunError, fill_legacy
 log = logging.getLogger(__name__)
 
 STREAK_FIELDS = ("nonfinite_streak", "longest_nonfinite_streak")  # added to TrainState in 0.2
+RESTORE_RETRY_S = 5  # the pause before a failed restore is tried again
 
 
 class _ReadOnlyNotice(logging.Filter):
@@ -134,9 +137,8 @@ class Checkpointer:
         failures = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                state, data = self.restore(step, abstract_state)
+                state, data = self._restore_twice(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the one before
-                log.warning("checkpoint of step %d cannot be restored (%s)", step, first_line(e))
                 failures.append((step, e))
                 continue
             return step, state, data, [s for s, _ in failures]
@@ -148,6 +150,26 @@ class Checkpointer:
                 f"otherwise the checkpoints are damaged."
             )
         return None
+
+    def _restore_twice(self, step: int, abstract_state: TrainState):
+        """`restore`, tried again once after a pause: a failure that passes (a storage service
+        briefly unavailable, beyond its client's own retries) must not make a good checkpoint
+        look damaged, since the run would then resume from an older one and set it aside."""
+        try:
+            return self.restore(step, abstract_state)
+        except Exception as e:  # noqa: BLE001 - the second try decides
+            log.warning(
+                "checkpoint of step %d cannot be restored (%s); trying again in %d s",
+                step,
+                first_line(e),
+                RESTORE_RETRY_S,
+            )
+        time.sleep(RESTORE_RETRY_S)
+        try:
+            return self.restore(step, abstract_state)
+        except Exception as e:
+            log.warning("checkpoint of step %d cannot be restored (%s)", step, first_line(e))
+            raise
 
     def saved_config(self, step: int) -> dict | None:
         """The config stored with a step (None for steps saved before configs were stored, or
