@@ -344,13 +344,19 @@ def test_latent_cache_round_trip_and_training_source(tmp_path):
     assert (b.image_ids >= 0).any() and np.abs(b.latents).max() <= 1.0
 
 
-def test_worker_processes_give_the_same_batches(tmp_path):
-    write_folder(tmp_path, 8)
-    cfg = folder_config(tmp_path)
+def with_workers(folder, workers: int):
+    """The folder's stream read by `workers` worker processes, and the first 4 batches' tokens
+    as the same stream read without any (the reference)."""
+    write_folder(folder, 8)
+    cfg = folder_config(folder)
     plain = make_source(cfg, 2)
     expected = [next(plain).tokens for _ in range(4)]
-    cfg.data.num_workers = 2
-    source = make_source(cfg, 2)
+    cfg.data.num_workers = workers
+    return cfg, make_source(cfg, 2), expected
+
+
+def test_worker_processes_give_the_same_batches(tmp_path):
+    cfg, source, expected = with_workers(tmp_path, 2)
     for tokens in expected[:2]:
         np.testing.assert_array_equal(next(source).tokens, tokens)
     state = json.loads(json.dumps(source.get_state()))
@@ -363,12 +369,7 @@ def test_worker_processes_give_the_same_batches(tmp_path):
 def test_worker_processes_outlive_a_stop_signal_sent_to_the_process_group(tmp_path):
     """Ctrl-C or a group SIGTERM reaches grain's workers too; the training process then needs
     them for the batch it checkpoints with, so they ignore it (grain stops them on close)."""
-    write_folder(tmp_path, 8)
-    cfg = folder_config(tmp_path)
-    plain = make_source(cfg, 2)
-    expected = [next(plain).tokens for _ in range(4)]
-    cfg.data.num_workers = 1
-    source = make_source(cfg, 2)
+    _, source, expected = with_workers(tmp_path, 1)
     np.testing.assert_array_equal(next(source).tokens, expected[0])
     workers = multiprocessing.active_children()
     assert workers, "no worker process started"

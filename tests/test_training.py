@@ -268,7 +268,7 @@ def test_a_stop_signal_at_an_evaluation_step_saves_without_evaluating(
     cfg.train.update(eval_every=1, log_every=2)
     train(cfg, tmp_path)
     out = capsys.readouterr().out
-    assert "evaluation at step 1 skipped: a stop signal wants the checkpoint" in out
+    assert "evaluation at step 1 skipped: a stop signal wants a checkpoint" in out
     assert "stopping at step 1 (SIGTERM); checkpoint saved" in out
     assert Checkpointer(tmp_path / "checkpoints", keep=3).latest_step() == 1
 

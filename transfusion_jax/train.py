@@ -496,11 +496,11 @@ def _train(cfg, workdir, checkpoints, changes, devices, stop_at_step, task_class
                 or evaluating
             ):
                 record = _log_record(window, window_steps, window_start, step, task, mfu_scale)
-                preempted = stopping and step != stop_at_step  # all processes agree on both
-                if (evaluating or step == training.num_steps) and preempted:
-                    log(f"evaluation at step {step} skipped: a stop signal wants the checkpoint")
-                elif evaluating or step == training.num_steps:
-                    record.update(task.evaluate(state, step))
+                if evaluating or step == training.num_steps:
+                    if stopping and step != stop_at_step:  # a signal: all processes agree
+                        log(f"evaluation at step {step} skipped: a stop signal wants a checkpoint")
+                    else:
+                        record.update(task.evaluate(state, step))
                 record["nonfinite_steps"] = int(state.nonfinite_steps)
                 record["skipped_examples"] = source.skipped_examples  # distinct records
                 record["skipped_draws"] = getattr(source, "skipped_draws", 0)
